@@ -1,0 +1,46 @@
+"""vera_jax: VeRA (Vector-based Random Matrix Adaptation) for any Flax model.
+
+    import vera_jax
+    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=256, targets=("query", "value")))
+    logits = model.apply({"params": vera_jax.merge(adapted)}, x)          # merged path
+    logits = vera_jax.apply_factored(model, adapted, x)                   # factored path
+    trainable, frozen = vera_jax.partition(adapted)                       # grad only trainable
+    tx = optax.multi_transform({"adapter": ..., "head": ...}, vera_jax.optax_labels(adapted))
+    vera_jax.save_adapter("out/adapter", adapted)
+    adapted = vera_jax.load_adapter("out/adapter", params)
+"""
+
+from .adapters import (
+    Adapted,
+    AdapterFileError,
+    FullConfig,
+    HeadConfig,
+    LayerSpec,
+    LoraConfig,
+    VeraConfig,
+    apply_factored,
+    apply_full,
+    apply_head,
+    apply_lora,
+    apply_vera,
+    combine,
+    count_trainable,
+    find_targets,
+    fingerprint,
+    layer_delta,
+    load_adapter,
+    make_projections,
+    merge,
+    optax_labels,
+    partition,
+    save_adapter,
+)
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
+    "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "combine",
+    "count_trainable", "find_targets", "fingerprint", "layer_delta", "load_adapter",
+    "make_projections", "merge", "optax_labels", "partition", "save_adapter",
+]

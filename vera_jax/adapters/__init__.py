@@ -1,0 +1,9 @@
+"""VeRA and LoRA as pure transforms of a Flax param tree (see vera_jax/__init__.py for the API)."""
+
+from .config import FullConfig, HeadConfig, LoraConfig, VeraConfig
+from .core import Adapted, apply_full, apply_head, apply_lora, apply_vera, layer_delta, merge
+from .factored import apply_factored
+from .files import AdapterFileError, load_adapter, save_adapter
+from .projections import fingerprint, make_projections
+from .split import combine, count_trainable, optax_labels, partition
+from .targets import LayerSpec, find_targets

@@ -1,0 +1,243 @@
+"""Adapter configurations, validated when built.
+
+Every error raised here is a `ValueError` whose message starts with the class and field name
+(`VeraConfig.r: ...`), so a bad sweep entry or a hand-edited adapter file says what to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from typing import Any, ClassVar, Mapping
+
+_DEFAULT_LAYER_NAMES = ("layer", "layers", "h", "block", "blocks")
+
+
+def _as_str_tuple(cls: str, name: str, value: Any, allow_empty: bool) -> tuple[str, ...]:
+    if isinstance(value, str):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise ValueError(f"{cls}.{name}: expected a string or a sequence of strings, got {value!r}") from None
+    if not value and not allow_empty:
+        raise ValueError(f"{cls}.{name}: must not be empty")
+    for item in value:
+        if not isinstance(item, str) or not item:
+            raise ValueError(f"{cls}.{name}: every entry must be a non-empty string, got {item!r}")
+        try:
+            re.compile(item)
+        except re.error as e:
+            raise ValueError(f"{cls}.{name}: {item!r} is not a valid pattern ({e})") from None
+    return value
+
+
+def _check_int(cls: str, name: str, value: Any, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{cls}.{name}: expected an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _check_finite(cls: str, name: str, value: Any, positive: bool = False) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{cls}.{name}: expected a finite number, got {value!r}")
+    if positive and value <= 0:
+        raise ValueError(f"{cls}.{name}: expected a number > 0, got {value!r}")
+    return float(value)
+
+
+def _check_dropout(cls: str, value: Any) -> float:
+    value = _check_finite(cls, "dropout", value)
+    if not 0.0 <= value < 1.0:
+        raise ValueError(f"{cls}.dropout: expected 0 <= dropout < 1, got {value!r}")
+    return value
+
+
+def _layers_tuple(cls: str, value: Any) -> tuple[int, ...] | None:
+    if value is None:
+        return None
+    if isinstance(value, int) and not isinstance(value, bool):
+        value = (value,)
+    try:
+        value = tuple(value)
+    except TypeError:
+        raise ValueError(f"{cls}.layers_to_transform: expected None, an int or a sequence of ints, got {value!r}") from None
+    if not value:
+        raise ValueError(f"{cls}.layers_to_transform: must not be empty (use None for every layer)")
+    return tuple(_check_int(cls, "layers_to_transform", v, 0) for v in value)
+
+
+def _in_axes_tuple(cls: str, value: Any) -> tuple[tuple[str, int], ...]:
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        items = tuple((str(k), v) for k, v in items)
+    except (TypeError, ValueError):
+        raise ValueError(f"{cls}.kernel_in_axes: expected a mapping pattern -> number of input axes, got {value!r}") from None
+    _as_str_tuple(cls, "kernel_in_axes", [k for k, _ in items], allow_empty=True)
+    return tuple(sorted((k, _check_int(cls, "kernel_in_axes", v, 1)) for k, v in items))
+
+
+class _Config:
+    """Shared behaviour: unknown-field errors, dict round trip for adapter files."""
+
+    method: ClassVar[str]
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(f.name for f in dataclasses.fields(cls))
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]):
+        unknown = sorted(set(data) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {list(cls.field_names())}")
+        return cls(**data)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        for k, v in out.items():
+            if isinstance(v, tuple):
+                out[k] = [list(x) if isinstance(x, tuple) else x for x in v]
+        return out
+
+    def replace(self, **changes):
+        return self.from_dict({**dataclasses.asdict(self), **changes})
+
+
+def _strict_init(cls):
+    """Turns Python's "unexpected keyword argument" into a ValueError listing the allowed fields."""
+    init = cls.__init__
+
+    def __init__(self, *args, **kwargs):
+        unknown = sorted(set(kwargs) - set(cls.field_names()))
+        if unknown:
+            raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {list(cls.field_names())}")
+        init(self, *args, **kwargs)
+
+    __init__.__doc__ = init.__doc__
+    cls.__init__ = __init__
+    return cls
+
+
+@_strict_init
+@dataclasses.dataclass(frozen=True)
+class VeraConfig(_Config):
+    """VeRA: one frozen random pair A (r, in_max), B (out_max, r) shared by every targeted layer.
+
+    Fields:
+      r: rank of the shared projections (paper: 1024 RoBERTa-base, 256 RoBERTa-large).
+      targets: module names ("query" matches every module whose path ends in `query`, "self/query"
+        a suffix of two names) or regexes full-matched on the '/'-joined module path.
+      d_initial: initial value of every entry of the scaling vector d (b starts at zero).
+      seed: the PRNG seed of A and B (threefry2x32; see `projections.py`).
+      dropout: dropout on the adapter's input, factored path only.
+      trainable_extra: modules (same matching as targets) whose own parameters are trained too,
+        e.g. ("classifier",) for a GLUE head; labelled "head" for the optimizer.
+      layers_to_transform: restrict to these layer indices (found in path names such as
+        `layer_3`, `h_3`, `layers/3`; see `layers_pattern`); None adapts every layer.
+      layers_pattern: path names that carry a layer index.
+      kernel_in_axes: pattern -> number of leading kernel axes that are inputs, for kernels with
+        more than two axes (DenseGeneral); unlisted kernels have one input axis.
+      save_projection: store A and B in adapter files (as PEFT allows) instead of only their
+        fingerprint.
+    """
+
+    method: ClassVar[str] = "vera"
+    r: int = 256
+    targets: tuple[str, ...] = ("query", "value")
+    d_initial: float = 0.1
+    seed: int = 0
+    dropout: float = 0.0
+    trainable_extra: tuple[str, ...] = ()
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] = _DEFAULT_LAYER_NAMES
+    kernel_in_axes: tuple[tuple[str, int], ...] = ()
+    save_projection: bool = False
+
+    def __post_init__(self):
+        name = type(self).__name__
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731 (frozen dataclass)
+        set_("r", _check_int(name, "r", self.r, 1))
+        set_("targets", _as_str_tuple(name, "targets", self.targets, allow_empty=False))
+        set_("d_initial", _check_finite(name, "d_initial", self.d_initial))
+        set_("seed", _check_int(name, "seed", self.seed, 0))
+        if self.seed >= 2**63:
+            raise ValueError(f"{name}.seed: expected a seed < 2**63, got {self.seed}")
+        set_("dropout", _check_dropout(name, self.dropout))
+        set_("trainable_extra", _as_str_tuple(name, "trainable_extra", self.trainable_extra, allow_empty=True))
+        set_("layers_to_transform", _layers_tuple(name, self.layers_to_transform))
+        set_("layers_pattern", _as_str_tuple(name, "layers_pattern", self.layers_pattern, allow_empty=False))
+        set_("kernel_in_axes", _in_axes_tuple(name, self.kernel_in_axes))
+        if not isinstance(self.save_projection, bool):
+            raise ValueError(f"{name}.save_projection: expected True or False, got {self.save_projection!r}")
+
+
+@_strict_init
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(_Config):
+    """LoRA, the baseline: per-layer trainable A (r, in) and B (out, r), delta scaled by alpha / r.
+
+    A is Kaiming-uniform (PEFT's bound 1/sqrt(in)) from `seed` folded with the layer's index,
+    B starts at zero. The other fields mean what they mean in `VeraConfig`.
+    """
+
+    method: ClassVar[str] = "lora"
+    r: int = 8
+    alpha: float = 8.0
+    targets: tuple[str, ...] = ("query", "value")
+    dropout: float = 0.0
+    trainable_extra: tuple[str, ...] = ()
+    seed: int = 0
+    layers_to_transform: tuple[int, ...] | None = None
+    layers_pattern: tuple[str, ...] = _DEFAULT_LAYER_NAMES
+    kernel_in_axes: tuple[tuple[str, int], ...] = ()
+
+    def __post_init__(self):
+        name = type(self).__name__
+        set_ = lambda k, v: object.__setattr__(self, k, v)  # noqa: E731
+        set_("r", _check_int(name, "r", self.r, 1))
+        set_("alpha", _check_finite(name, "alpha", self.alpha, positive=True))
+        set_("targets", _as_str_tuple(name, "targets", self.targets, allow_empty=False))
+        set_("dropout", _check_dropout(name, self.dropout))
+        set_("trainable_extra", _as_str_tuple(name, "trainable_extra", self.trainable_extra, allow_empty=True))
+        set_("seed", _check_int(name, "seed", self.seed, 0))
+        set_("layers_to_transform", _layers_tuple(name, self.layers_to_transform))
+        set_("layers_pattern", _as_str_tuple(name, "layers_pattern", self.layers_pattern, allow_empty=False))
+        set_("kernel_in_axes", _in_axes_tuple(name, self.kernel_in_axes))
+
+    @property
+    def scaling(self) -> float:
+        return self.alpha / self.r
+
+
+@_strict_init
+@dataclasses.dataclass(frozen=True)
+class HeadConfig(_Config):
+    """No adapter: only the modules in `trainable_extra` (e.g. the classifier) are trained."""
+
+    method: ClassVar[str] = "head"
+    trainable_extra: tuple[str, ...] = ("classifier",)
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "trainable_extra", _as_str_tuple("HeadConfig", "trainable_extra", self.trainable_extra, allow_empty=False)
+        )
+
+
+@_strict_init
+@dataclasses.dataclass(frozen=True)
+class FullConfig(_Config):
+    """Full fine-tuning: every parameter is trained; `trainable_extra` modules are labelled "head"
+    (their own learning rate), the rest "full"."""
+
+    method: ClassVar[str] = "full"
+    trainable_extra: tuple[str, ...] = ("classifier",)
+
+    def __post_init__(self):
+        object.__setattr__(
+            self, "trainable_extra", _as_str_tuple("FullConfig", "trainable_extra", self.trainable_extra, allow_empty=True)
+        )
+
+
+CONFIG_CLASSES = {c.method: c for c in (VeraConfig, LoraConfig, HeadConfig, FullConfig)}

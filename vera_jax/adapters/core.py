@@ -1,0 +1,144 @@
+"""VeRA and LoRA as pure transforms of a plain Flax params tree, and the merged path.
+
+`apply_vera(params)` returns an `Adapted` pytree: the untouched base params, the trainable
+vectors (one dict per adapted module, mirroring the module paths), the frozen projections and,
+as static data, the config and the adapted layers. `merge(adapted)` folds the adapter into the
+kernels (W0 + delta) and returns plain params for the model's ordinary `apply`.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+import flax
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from flax import struct
+
+from . import targets as targets_lib
+from .config import FullConfig, HeadConfig, LoraConfig, VeraConfig
+from .projections import PRNG_IMPL, make_projections
+from .targets import LayerSpec
+
+Params = Any
+
+
+@struct.dataclass
+class Adapted:
+    """A params tree with an adapter attached (a pytree; jit, grad and tree_map see through it).
+
+    base: the model's params, unchanged (plain nested dicts).
+    adapter: {module path...: {"lambda_d": (r,), "lambda_b": (out,)}} for VeRA,
+             {...: {"lora_A": (r, in), "lora_B": (out, r)}} for LoRA, {} otherwise.
+    projections: {"A": (r, in_max), "B": (out_max, r)} for VeRA, {} otherwise (frozen).
+    config, layers, extra (static): the config, the adapted LayerSpecs, and the base leaf paths
+             trained alongside (config.trainable_extra).
+    """
+
+    base: Params
+    adapter: dict
+    projections: dict
+    config: Any = struct.field(pytree_node=False)
+    layers: tuple[LayerSpec, ...] = struct.field(pytree_node=False)
+    extra: tuple[tuple[str, ...], ...] = struct.field(pytree_node=False)
+
+    @property
+    def method(self) -> str:
+        return self.config.method
+
+
+def _plain(params: Params) -> dict:
+    if not isinstance(params, Mapping):
+        raise TypeError(f"params: expected a Flax params dict, got {type(params).__name__}")
+    return flax.core.unfreeze(nn.meta.unbox(params))
+
+
+def get_path(tree: Mapping, path: tuple[str, ...]):
+    for key in path:
+        tree = tree[key]
+    return tree
+
+
+def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+    for key in path[:-1]:
+        tree = tree.setdefault(key, {})
+    tree[path[-1]] = value
+
+
+def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:
+    """Attaches VeRA to `params`: d = d_initial, b = 0, so the adapted model starts equal to the base."""
+    config = VeraConfig() if config is None else config
+    if not isinstance(config, VeraConfig):
+        raise TypeError(f"config: expected a VeraConfig, got {type(config).__name__}")
+    params = _plain(params)
+    layers = targets_lib.find_targets(params, config)
+    in_max = max(s.in_features for s in layers)
+    out_max = max(s.out_features for s in layers)
+    adapter: dict = {}
+    for s in layers:
+        set_path(adapter, s.path, {
+            "lambda_d": jnp.full((config.r,), config.d_initial, jnp.float32),
+            "lambda_b": jnp.zeros((s.out_features,), jnp.float32),
+        })
+    projections = make_projections(config.seed, config.r, in_max, out_max)
+    extra = targets_lib.find_extra(params, config.trainable_extra)
+    return Adapted(params, adapter, projections, config, layers, extra)
+
+
+def apply_lora(params: Params, config: LoraConfig) -> Adapted:
+    """Attaches LoRA: A Kaiming-uniform (bound 1/sqrt(in), PEFT's), B = 0."""
+    if not isinstance(config, LoraConfig):
+        raise TypeError(f"config: expected a LoraConfig, got {type(config).__name__}")
+    params = _plain(params)
+    layers = targets_lib.find_targets(params, config)
+    key = jax.random.key(config.seed, impl=PRNG_IMPL)
+    adapter: dict = {}
+    for i, s in enumerate(layers):
+        bound = 1.0 / s.in_features**0.5
+        with jax.threefry_partitionable(True):
+            a = jax.random.uniform(jax.random.fold_in(key, i), (config.r, s.in_features), jnp.float32, -bound, bound)
+        set_path(adapter, s.path, {"lora_A": a, "lora_B": jnp.zeros((s.out_features, config.r), jnp.float32)})
+    extra = targets_lib.find_extra(params, config.trainable_extra)
+    return Adapted(params, adapter, {}, config, layers, extra)
+
+
+def apply_head(params: Params, trainable_extra=("classifier",)) -> Adapted:
+    """No adapter; only the `trainable_extra` modules train (the paper's "head only" baseline)."""
+    config = HeadConfig(trainable_extra=trainable_extra)
+    params = _plain(params)
+    return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra))
+
+
+def apply_full(params: Params, trainable_extra=("classifier",)) -> Adapted:
+    """Full fine-tuning: all base leaves train; `trainable_extra` ones get the "head" label."""
+    config = FullConfig(trainable_extra=trainable_extra)
+    params = _plain(params)
+    return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra))
+
+
+def layer_delta(adapted: Adapted, spec: LayerSpec) -> jax.Array:
+    """The layer's weight delta as an (in, out) float32 matrix."""
+    vec = get_path(adapted.adapter, spec.path)
+    if adapted.method == "vera":
+        a = adapted.projections["A"][:, : spec.in_features]
+        b = adapted.projections["B"][: spec.out_features, :]
+        return (a.T * vec["lambda_d"]) @ (b.T * vec["lambda_b"][None, :])
+    if adapted.method == "lora":
+        return (vec["lora_A"].T @ vec["lora_B"].T) * adapted.config.scaling
+    raise ValueError(f"method {adapted.method!r} has no weight delta")
+
+
+def merge(adapted: Adapted) -> Params:
+    """Plain params with every adapted kernel replaced by W0 + delta (added in float32, cast back
+    to the kernel's dtype). Pure and jit-friendly: call it inside the jitted step."""
+    if not isinstance(adapted, Adapted):
+        raise TypeError(f"merge: expected an Adapted tree, got {type(adapted).__name__}")
+    out = jax.tree.map(lambda x: x, adapted.base)
+    for spec in adapted.layers:
+        module = dict(get_path(out, spec.path))
+        w0 = module["kernel"]
+        delta = layer_delta(adapted, spec).reshape(spec.kernel_shape)
+        module["kernel"] = (w0.astype(jnp.float32) + delta).astype(w0.dtype)
+        set_path(out, spec.path, module)
+    return out

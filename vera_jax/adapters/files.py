@@ -1,0 +1,217 @@
+"""Adapter files: a directory with `adapter_config.json` and `adapter_model.safetensors`.
+
+The tensors file holds only trained leaves: `adapter/<module path>/lambda_d|lambda_b` (or
+`lora_A|lora_B`), `head/<leaf path>` for `trainable_extra` leaves, and `projections/A|B` only
+when `save_projection=True`. The JSON holds the config, the adapted layers and their kernel
+shapes, the projections' fingerprint, the tensors file's SHA-256 and the JAX version that wrote
+it. Never pickle.
+
+Loading rebuilds A and B from the seed and refuses a fingerprint mismatch; any problem (missing
+or corrupt file, layers or shapes that do not fit the given params, missing or unexpected
+tensors) raises `AdapterFileError` before anything is returned.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from . import core
+from .config import CONFIG_CLASSES
+from .core import Adapted
+from .projections import PRNG_IMPL, fingerprint
+
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter_model.safetensors"
+FORMAT = "vera_jax.adapter"
+FORMAT_VERSION = 1
+
+
+class AdapterFileError(ValueError):
+    """An adapter file is missing, corrupt, or does not fit the params it is loaded onto."""
+
+
+def _tensor_name(prefix: str, path: tuple[str, ...]) -> str:
+    return "/".join((prefix,) + tuple(path))
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write(dest: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, dest)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _to_numpy(x) -> tuple[np.ndarray, str]:
+    """safetensors.numpy cannot store bfloat16 and friends: those travel as float32 (exact)."""
+    arr = np.asarray(jax.device_get(x))
+    dtype = str(arr.dtype)
+    if arr.dtype.kind == "V" or dtype in ("bfloat16",) or dtype.startswith("float8"):
+        arr = arr.astype(np.float32)
+    return np.ascontiguousarray(arr), dtype
+
+
+def _trained_leaves(adapted: Adapted) -> dict:
+    """Tensor name -> value for every leaf an adapter file stores (projections aside)."""
+    out = {}
+    for spec in adapted.layers:
+        for leaf, value in core.get_path(adapted.adapter, spec.path).items():
+            out[_tensor_name("adapter", spec.path + (leaf,))] = value
+    for leaf_path in adapted.extra:
+        out[_tensor_name("head", leaf_path)] = core.get_path(adapted.base, leaf_path)
+    return out
+
+
+def _layer_records(adapted: Adapted) -> list[dict]:
+    return [{"path": s.name, "kernel_shape": list(s.kernel_shape), "in_axes": s.in_axes} for s in adapted.layers]
+
+
+def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
+    """Writes the trained leaves of `adapted` to the directory `path` (created if needed);
+    each file is replaced atomically. Returns the directory."""
+    if not isinstance(adapted, Adapted):
+        raise TypeError(f"save_adapter: expected an Adapted tree, got {type(adapted).__name__}")
+    directory = Path(path)
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors, dtypes = {}, {}
+    for name, value in _trained_leaves(adapted).items():
+        tensors[name], dtypes[name] = _to_numpy(value)
+    record = {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "method": adapted.method,
+        "config": adapted.config.to_dict(),
+        "layers": _layer_records(adapted),
+        "head": ["/".join(p) for p in adapted.extra],
+        "dtypes": dtypes,
+        "jax_version": jax.__version__,
+    }
+    if adapted.method == "vera":
+        record["projections"] = {
+            "prng_impl": PRNG_IMPL,
+            "threefry_partitionable": True,
+            "shapes": {k: list(v.shape) for k, v in adapted.projections.items()},
+            "fingerprint": fingerprint(adapted.projections),
+        }
+        if adapted.config.save_projection:
+            for k, v in adapted.projections.items():
+                tensors[f"projections/{k}"], dtypes[f"projections/{k}"] = _to_numpy(v)
+    _atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
+    record["tensors_sha256"] = _sha256(directory / TENSORS_FILE)
+    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
+    return directory
+
+
+def _read_record(directory: Path) -> dict:
+    config_path = directory / CONFIG_FILE
+    if not config_path.is_file():
+        raise AdapterFileError(f"no adapter at {directory}: {CONFIG_FILE} is missing")
+    try:
+        record = json.loads(config_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise AdapterFileError(f"{config_path} is corrupt: {e}") from None
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise AdapterFileError(f"{config_path} is not a vera_jax adapter (format != {FORMAT!r})")
+    if record.get("format_version") != FORMAT_VERSION:
+        raise AdapterFileError(f"{config_path}: format_version {record.get('format_version')!r}, this library reads {FORMAT_VERSION}")
+    if record.get("method") not in CONFIG_CLASSES:
+        raise AdapterFileError(f"{config_path}: unknown method {record.get('method')!r}; known: {sorted(CONFIG_CLASSES)}")
+    return record
+
+
+def _read_tensors(directory: Path, record: dict) -> dict[str, np.ndarray]:
+    tensors_path = directory / TENSORS_FILE
+    if not tensors_path.is_file():
+        raise AdapterFileError(f"adapter at {directory}: {TENSORS_FILE} is missing")
+    if _sha256(tensors_path) != record.get("tensors_sha256"):
+        raise AdapterFileError(f"{tensors_path} is corrupt or was not written by this {CONFIG_FILE} (SHA-256 differs)")
+    try:
+        return load_file(tensors_path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise AdapterFileError(f"{tensors_path} is corrupt: {e}") from None
+
+
+def _build(params, method: str, config) -> Adapted:
+    if method == "vera":
+        return core.apply_vera(params, config)
+    if method == "lora":
+        return core.apply_lora(params, config)
+    if method == "head":
+        return core.apply_head(params, config.trainable_extra)
+    return core.apply_full(params, config.trainable_extra)
+
+
+def load_adapter(path: str | os.PathLike, params) -> Adapted:
+    """Rebuilds the `Adapted` tree saved at `path` on top of `params` (the same base model)."""
+    directory = Path(path)
+    record = _read_record(directory)
+    method = record["method"]
+    try:
+        config = CONFIG_CLASSES[method].from_dict(record["config"])
+        fresh = _build(params, method, config)
+    except (ValueError, TypeError, KeyError) as e:
+        raise AdapterFileError(f"adapter at {directory} does not fit these params: {e}") from None
+
+    saved_layers = record.get("layers", [])
+    if saved_layers != _layer_records(fresh):
+        saved = {r["path"]: r["kernel_shape"] for r in saved_layers}
+        found = {s.name: list(s.kernel_shape) for s in fresh.layers}
+        diffs = [f"{p}: adapter {saved.get(p, 'absent')}, params {found.get(p, 'absent')}"
+                 for p in sorted(set(saved) | set(found)) if saved.get(p) != found.get(p)]
+        raise AdapterFileError(f"adapter at {directory} was trained on other layers or shapes: {'; '.join(diffs) or saved_layers}")
+    if record.get("head", []) != ["/".join(p) for p in fresh.extra]:
+        raise AdapterFileError(f"adapter at {directory}: head leaves {record.get('head')} do not match the params' {['/'.join(p) for p in fresh.extra]}")
+
+    tensors = _read_tensors(directory, record)
+    projections = fresh.projections
+    if method == "vera":
+        if config.save_projection:
+            projections = {k: jnp.asarray(tensors.get(f"projections/{k}", np.zeros(0))) for k in ("A", "B")}
+        got = fingerprint(projections)
+        if got != record["projections"]["fingerprint"]:
+            source = "stored A/B" if config.save_projection else (
+                f"A/B rebuilt from seed {config.seed} with jax {jax.__version__} (file written with jax "
+                f"{record.get('jax_version')}; a JAX upgrade may change random streams: save with save_projection=True)")
+            raise AdapterFileError(f"adapter at {directory}: projection fingerprint mismatch for the {source}")
+
+    expected = _trained_leaves(fresh)
+    projection_names = {f"projections/{k}" for k in projections} if method == "vera" and config.save_projection else set()
+    missing = sorted(set(expected) - set(tensors))
+    unexpected = sorted(set(tensors) - set(expected) - projection_names)
+    if missing or unexpected:
+        raise AdapterFileError(f"adapter at {directory}: missing tensors {missing}, unexpected tensors {unexpected}")
+    for name, ref in expected.items():
+        if tuple(tensors[name].shape) != tuple(np.shape(ref)):
+            raise AdapterFileError(f"adapter at {directory}: tensor {name} has shape {tensors[name].shape}, expected {np.shape(ref)}")
+
+    dtypes = record.get("dtypes", {})
+    restore = lambda name: jnp.asarray(tensors[name], dtype=dtypes.get(name, tensors[name].dtype))  # noqa: E731
+    adapter: dict = {}
+    for spec in fresh.layers:
+        leaves = core.get_path(fresh.adapter, spec.path)
+        core.set_path(adapter, spec.path, {leaf: restore(_tensor_name("adapter", spec.path + (leaf,))) for leaf in leaves})
+    base = jax.tree.map(lambda x: x, fresh.base)
+    for leaf_path in fresh.extra:
+        core.set_path(base, leaf_path, restore(_tensor_name("head", leaf_path)))
+    return fresh.replace(base=base, adapter=adapter, projections=projections)

@@ -1,0 +1,66 @@
+"""Trainable / frozen split, optimizer labels and parameter counts (DESIGN contract 2).
+
+`partition` returns two `Adapted` trees of the same structure; each has None where the leaf
+belongs to the other. Differentiate with respect to the trainable one only:
+
+    trainable, frozen = partition(adapted)
+    loss = lambda t: loss_fn(merge(combine(t, frozen)), batch)
+    grads = jax.grad(loss)(trainable)          # None (no gradient) at frozen positions
+    tx = optax.multi_transform({"adapter": optax.adamw(1e-2), "head": optax.adamw(4e-3)},
+                               optax_labels(adapted))
+    opt_state = tx.init(trainable)             # state only for trainable leaves
+"""
+
+from __future__ import annotations
+
+import jax
+
+from .core import Adapted
+
+ADAPTER, HEAD, FULL = "adapter", "head", "full"
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _label_base(adapted: Adapted):
+    """Label per base leaf: HEAD for trainable_extra leaves, FULL for the rest under full
+    fine-tuning, else None (frozen)."""
+    extra = set(adapted.extra)
+    default = FULL if adapted.method == "full" else None
+
+    def label(path, _):
+        return HEAD if tuple(k.key for k in path) in extra else default
+
+    return jax.tree_util.tree_map_with_path(label, adapted.base)
+
+
+def optax_labels(adapted: Adapted) -> Adapted:
+    """Labels with the structure of `partition(adapted)[0]`: "adapter" for adapter leaves, "head"
+    for `trainable_extra` leaves, "full" for the base under full fine-tuning, None elsewhere."""
+    return adapted.replace(
+        base=_label_base(adapted),
+        adapter=jax.tree.map(lambda _: ADAPTER, adapted.adapter),
+        projections=jax.tree.map(lambda _: None, adapted.projections),
+    )
+
+
+def partition(adapted: Adapted) -> tuple[Adapted, Adapted]:
+    """(trainable, frozen): the same tree twice, each with None where the other holds the leaf."""
+    labels = optax_labels(adapted)
+    pick = lambda want: lambda leaf, lab: leaf if (lab is not None) == want else None  # noqa: E731
+    trainable = jax.tree.map(pick(True), adapted, labels, is_leaf=_is_none)
+    frozen = jax.tree.map(pick(False), adapted, labels, is_leaf=_is_none)
+    return trainable, frozen
+
+
+def combine(trainable: Adapted, frozen: Adapted) -> Adapted:
+    """Inverse of `partition`."""
+    return jax.tree.map(lambda t, f: f if t is None else t, trainable, frozen, is_leaf=_is_none)
+
+
+def count_trainable(adapted: Adapted) -> int:
+    """Number of trained scalars (adapter vectors plus `trainable_extra` leaves)."""
+    trainable, _ = partition(adapted)
+    return sum(int(x.size) for x in jax.tree.leaves(trainable))
