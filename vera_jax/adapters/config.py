@@ -12,6 +12,7 @@ import re
 from typing import Any, ClassVar, Mapping
 
 _DEFAULT_LAYER_NAMES = ("layer", "layers", "h", "block", "blocks")
+PROJECTION_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")
 
 
 def _as_str_tuple(cls: str, name: str, value: Any, allow_empty: bool) -> tuple[str, ...]:
@@ -141,6 +142,15 @@ class VeraConfig(_Config):
         more than two axes (DenseGeneral); unlisted kernels have one input axis.
       save_projection: store A and B in adapter files (as PEFT allows) instead of only their
         fingerprint.
+    Ablation switches (the paper's Section 5 and the review discussion; defaults are VeRA):
+      share_projections: False gives each layer its own A_l (r, in), B_l (out, r), drawn from a
+        key derived from the seed and the layer's path (trainable count unchanged).
+      projection_init: "kaiming_uniform" (VeRA, PEFT), "kaiming_normal" (std sqrt(2 / fan_in)),
+        or "uniform" (U(-1, 1), no fan-in scaling).
+      train_d / train_b: False freezes that vector at its initial value (the paper's "only b" /
+        "only d" rows); at least one must train.
+      b_initial: initial value of b (VeRA: 0, so training starts at the base model). Freezing b
+        at 0 would freeze the adapter at zero, so train_b=False requires b_initial != 0.
     """
 
     method: ClassVar[str] = "vera"
@@ -154,6 +164,11 @@ class VeraConfig(_Config):
     layers_pattern: tuple[str, ...] = _DEFAULT_LAYER_NAMES
     kernel_in_axes: tuple[tuple[str, int], ...] = ()
     save_projection: bool = False
+    share_projections: bool = True
+    projection_init: str = "kaiming_uniform"
+    train_d: bool = True
+    train_b: bool = True
+    b_initial: float = 0.0
 
     def __post_init__(self):
         name = type(self).__name__
@@ -169,8 +184,16 @@ class VeraConfig(_Config):
         set_("layers_to_transform", _layers_tuple(name, self.layers_to_transform))
         set_("layers_pattern", _as_str_tuple(name, "layers_pattern", self.layers_pattern, allow_empty=False))
         set_("kernel_in_axes", _in_axes_tuple(name, self.kernel_in_axes))
-        if not isinstance(self.save_projection, bool):
-            raise ValueError(f"{name}.save_projection: expected True or False, got {self.save_projection!r}")
+        for flag in ("save_projection", "share_projections", "train_d", "train_b"):
+            if not isinstance(getattr(self, flag), bool):
+                raise ValueError(f"{name}.{flag}: expected True or False, got {getattr(self, flag)!r}")
+        set_("b_initial", _check_finite(name, "b_initial", self.b_initial))
+        if not self.train_b and self.b_initial == 0.0:
+            raise ValueError(f"{name}.b_initial: train_b=False with b_initial=0 keeps the adapter at zero; set b_initial != 0")
+        if not (self.train_d or self.train_b):
+            raise ValueError(f"{name}.train_d, {name}.train_b: at least one of the vectors must train")
+        if self.projection_init not in PROJECTION_INITS:
+            raise ValueError(f"{name}.projection_init: {self.projection_init!r} is not one of {list(PROJECTION_INITS)}")
 
 
 @_strict_init

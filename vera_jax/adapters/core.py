@@ -18,7 +18,7 @@ from flax import struct
 
 from . import targets as targets_lib
 from .config import FullConfig, HeadConfig, LoraConfig, VeraConfig
-from .projections import PRNG_IMPL, make_projections
+from .projections import PRNG_IMPL, make_layer_projections, make_projections
 from .targets import LayerSpec
 
 Params = Any
@@ -31,7 +31,8 @@ class Adapted:
     base: the model's params, unchanged (plain nested dicts).
     adapter: {module path...: {"lambda_d": (r,), "lambda_b": (out,)}} for VeRA,
              {...: {"lora_A": (r, in), "lora_B": (out, r)}} for LoRA, {} otherwise.
-    projections: {"A": (r, in_max), "B": (out_max, r)} for VeRA, {} otherwise (frozen).
+    projections: {"A": (r, in_max), "B": (out_max, r)} for VeRA ({module path...: {"A", "B"}}
+             with share_projections=False), {} otherwise (frozen).
     config, layers, extra (static): the config, the adapted LayerSpecs, and the base leaf paths
              trained alongside (config.trainable_extra).
     """
@@ -67,7 +68,8 @@ def set_path(tree: dict, path: tuple[str, ...], value) -> None:
 
 
 def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:
-    """Attaches VeRA to `params`: d = d_initial, b = 0, so the adapted model starts equal to the base."""
+    """Attaches VeRA to `params`: d = d_initial, b = b_initial (0), so the adapted model starts
+    equal to the base."""
     config = VeraConfig() if config is None else config
     if not isinstance(config, VeraConfig):
         raise TypeError(f"config: expected a VeraConfig, got {type(config).__name__}")
@@ -79,9 +81,12 @@ def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:
     for s in layers:
         set_path(adapter, s.path, {
             "lambda_d": jnp.full((config.r,), config.d_initial, jnp.float32),
-            "lambda_b": jnp.zeros((s.out_features,), jnp.float32),
+            "lambda_b": jnp.full((s.out_features,), config.b_initial, jnp.float32),
         })
-    projections = make_projections(config.seed, config.r, in_max, out_max)
+    if config.share_projections:
+        projections = make_projections(config.seed, config.r, in_max, out_max, config.projection_init)
+    else:
+        projections = make_layer_projections(config.seed, config.r, layers, config.projection_init)
     extra = targets_lib.find_extra(params, config.trainable_extra)
     return Adapted(params, adapter, projections, config, layers, extra)
 
@@ -117,12 +122,19 @@ def apply_full(params: Params, trainable_extra=("classifier",)) -> Adapted:
     return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra))
 
 
+def layer_projections(adapted: Adapted, spec: LayerSpec) -> tuple[jax.Array, jax.Array]:
+    """VeRA's (A_l, B_l) for one layer: slices of the shared pair, or the layer's own pair."""
+    if adapted.config.share_projections:
+        return adapted.projections["A"][:, : spec.in_features], adapted.projections["B"][: spec.out_features, :]
+    own = get_path(adapted.projections, spec.path)
+    return own["A"], own["B"]
+
+
 def layer_delta(adapted: Adapted, spec: LayerSpec) -> jax.Array:
     """The layer's weight delta as an (in, out) float32 matrix."""
     vec = get_path(adapted.adapter, spec.path)
     if adapted.method == "vera":
-        a = adapted.projections["A"][:, : spec.in_features]
-        b = adapted.projections["B"][: spec.out_features, :]
+        a, b = layer_projections(adapted, spec)
         return (a.T * vec["lambda_d"]) @ (b.T * vec["lambda_b"][None, :])
     if adapted.method == "lora":
         return (vec["lora_A"].T @ vec["lora_B"].T) * adapted.config.scaling

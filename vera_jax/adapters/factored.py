@@ -17,7 +17,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .core import Adapted, get_path
+from .core import Adapted, get_path, layer_projections
 from .targets import LayerSpec
 
 
@@ -29,8 +29,7 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     vec = get_path(adapted.adapter, spec.path)
     if adapted.method == "vera":
-        a = adapted.projections["A"][:, : spec.in_features].astype(x.dtype)
-        b = adapted.projections["B"][: spec.out_features, :].astype(x.dtype)
+        a, b = (m.astype(x.dtype) for m in layer_projections(adapted, spec))
         h = (x @ a.T) * vec["lambda_d"].astype(x.dtype)
         return (h @ b.T) * vec["lambda_b"].astype(x.dtype)
     if adapted.method == "lora":

@@ -1,8 +1,9 @@
 """Adapter files: a directory with `adapter_config.json` and `adapter_model.safetensors`.
 
 The tensors file holds only trained leaves: `adapter/<module path>/lambda_d|lambda_b` (or
-`lora_A|lora_B`), `head/<leaf path>` for `trainable_extra` leaves, and `projections/A|B` only
-when `save_projection=True`. The JSON holds the config, the adapted layers and their kernel
+`lora_A|lora_B`; a vector frozen by train_d/train_b=False is rebuilt, not stored),
+`head/<leaf path>` for `trainable_extra` leaves, `base/<leaf path>` for the rest of a fully
+fine-tuned model, and `projections/...` only when `save_projection=True`. The JSON holds the config, the adapted layers and their kernel
 shapes, the projections' fingerprint, the tensors file's SHA-256 and the JAX version that wrote
 it. Never pickle.
 
@@ -28,7 +29,8 @@ from safetensors.numpy import load_file, save_file
 from . import core
 from .config import CONFIG_CLASSES
 from .core import Adapted
-from .projections import PRNG_IMPL, fingerprint
+from .projections import PRNG_IMPL, fingerprint, flat_names
+from .split import HEAD, optax_labels, partition
 
 CONFIG_FILE = "adapter_config.json"
 TENSORS_FILE = "adapter_model.safetensors"
@@ -72,14 +74,18 @@ def _to_numpy(x) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(arr), dtype
 
 
-def _trained_leaves(adapted: Adapted) -> dict:
-    """Tensor name -> value for every leaf an adapter file stores (projections aside)."""
+def _trained_leaves(adapted: Adapted) -> dict[str, tuple[str, tuple[str, ...], object]]:
+    """Tensor name -> (tree, path, value) for every trained leaf: `adapter/...` for adapter
+    vectors, `head/...` for trainable_extra leaves, `base/...` for the rest of a fully
+    fine-tuned model. Frozen leaves (e.g. d with train_d=False) are rebuilt, not stored."""
+    trainable, _ = partition(adapted)
+    labels = optax_labels(adapted)
     out = {}
-    for spec in adapted.layers:
-        for leaf, value in core.get_path(adapted.adapter, spec.path).items():
-            out[_tensor_name("adapter", spec.path + (leaf,))] = value
-    for leaf_path in adapted.extra:
-        out[_tensor_name("head", leaf_path)] = core.get_path(adapted.base, leaf_path)
+    for tree in ("adapter", "base"):
+        for key_path, value in jax.tree_util.tree_flatten_with_path(getattr(trainable, tree))[0]:
+            path = tuple(str(k.key) for k in key_path)
+            prefix = tree if tree == "adapter" else ("head" if core.get_path(labels.base, path) == HEAD else "base")
+            out[_tensor_name(prefix, path)] = (tree, path, value)
     return out
 
 
@@ -95,7 +101,7 @@ def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
     directory = Path(path)
     directory.mkdir(parents=True, exist_ok=True)
     tensors, dtypes = {}, {}
-    for name, value in _trained_leaves(adapted).items():
+    for name, (_, _, value) in _trained_leaves(adapted).items():
         tensors[name], dtypes[name] = _to_numpy(value)
     record = {
         "format": FORMAT,
@@ -111,11 +117,11 @@ def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
         record["projections"] = {
             "prng_impl": PRNG_IMPL,
             "threefry_partitionable": True,
-            "shapes": {k: list(v.shape) for k, v in adapted.projections.items()},
+            "shapes": {k: list(v.shape) for k, v in flat_names(adapted.projections).items()},
             "fingerprint": fingerprint(adapted.projections),
         }
         if adapted.config.save_projection:
-            for k, v in adapted.projections.items():
+            for k, v in flat_names(adapted.projections).items():
                 tensors[f"projections/{k}"], dtypes[f"projections/{k}"] = _to_numpy(v)
     _atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
     record["tensors_sha256"] = _sha256(directory / TENSORS_FILE)
@@ -185,33 +191,32 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
 
     tensors = _read_tensors(directory, record)
     projections = fresh.projections
+    stored_projections = set()
     if method == "vera":
         if config.save_projection:
-            projections = {k: jnp.asarray(tensors.get(f"projections/{k}", np.zeros(0))) for k in ("A", "B")}
-        got = fingerprint(projections)
-        if got != record["projections"]["fingerprint"]:
+            stored_projections = {f"projections/{k}" for k in flat_names(fresh.projections)}
+            missing = sorted(stored_projections - set(tensors))
+            if missing:
+                raise AdapterFileError(f"adapter at {directory}: save_projection=True but tensors {missing} are missing")
+            projections = jax.tree_util.tree_map_with_path(
+                lambda p, _: jnp.asarray(tensors["projections/" + "/".join(str(k.key) for k in p)]), fresh.projections)
+        if fingerprint(projections) != record["projections"]["fingerprint"]:
             source = "stored A/B" if config.save_projection else (
                 f"A/B rebuilt from seed {config.seed} with jax {jax.__version__} (file written with jax "
                 f"{record.get('jax_version')}; a JAX upgrade may change random streams: save with save_projection=True)")
             raise AdapterFileError(f"adapter at {directory}: projection fingerprint mismatch for the {source}")
 
     expected = _trained_leaves(fresh)
-    projection_names = {f"projections/{k}" for k in projections} if method == "vera" and config.save_projection else set()
     missing = sorted(set(expected) - set(tensors))
-    unexpected = sorted(set(tensors) - set(expected) - projection_names)
+    unexpected = sorted(set(tensors) - set(expected) - stored_projections)
     if missing or unexpected:
         raise AdapterFileError(f"adapter at {directory}: missing tensors {missing}, unexpected tensors {unexpected}")
-    for name, ref in expected.items():
+    for name, (_, _, ref) in expected.items():
         if tuple(tensors[name].shape) != tuple(np.shape(ref)):
             raise AdapterFileError(f"adapter at {directory}: tensor {name} has shape {tensors[name].shape}, expected {np.shape(ref)}")
 
     dtypes = record.get("dtypes", {})
-    restore = lambda name: jnp.asarray(tensors[name], dtype=dtypes.get(name, tensors[name].dtype))  # noqa: E731
-    adapter: dict = {}
-    for spec in fresh.layers:
-        leaves = core.get_path(fresh.adapter, spec.path)
-        core.set_path(adapter, spec.path, {leaf: restore(_tensor_name("adapter", spec.path + (leaf,))) for leaf in leaves})
-    base = jax.tree.map(lambda x: x, fresh.base)
-    for leaf_path in fresh.extra:
-        core.set_path(base, leaf_path, restore(_tensor_name("head", leaf_path)))
-    return fresh.replace(base=base, adapter=adapter, projections=projections)
+    trees = {"adapter": jax.tree.map(lambda x: x, fresh.adapter), "base": jax.tree.map(lambda x: x, fresh.base)}
+    for name, (tree, path, _) in expected.items():
+        core.set_path(trees[tree], path, jnp.asarray(tensors[name], dtype=dtypes.get(name, tensors[name].dtype)))
+    return fresh.replace(base=trees["base"], adapter=trees["adapter"], projections=projections)

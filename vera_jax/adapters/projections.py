@@ -13,7 +13,14 @@ must give the same bits on every machine and device count. What we pin:
   identical on every IEEE backend (no backend-specific uniform implementation involved).
 
 Kaiming-uniform with fan_in = the matrix's second dimension, as the paper and HF PEFT:
-bound = sqrt(6 / in_max) for A, sqrt(6 / r) for B.
+bound = sqrt(6 / in_max) for A, sqrt(6 / r) for B. The ablation inits: "uniform" is the same
+exact construction with bound 1; "kaiming_normal" uses `jax.random.normal` (std
+sqrt(2 / fan_in)), whose float math is the backend's, so only the uniform inits are promised
+bit-identical across backends (the fingerprint catches a difference either way).
+
+Unshared projections (`share_projections=False`) draw layer l's A_l (r, in), B_l (out, r) from
+`fold_in(key, crc32(layer path))`, so a layer's matrices do not depend on which others are
+adapted.
 
 A change in JAX's threefry stream would change A and B; `fingerprint` (SHA-256 over names,
 shapes, dtypes and bytes) is stored in every adapter file and checked on load.
@@ -23,7 +30,8 @@ from __future__ import annotations
 
 import hashlib
 import math
-from typing import Mapping
+import zlib
+from typing import Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -32,27 +40,59 @@ import numpy as np
 PRNG_IMPL = "threefry2x32"
 
 
-def _kaiming_uniform(key: jax.Array, shape: tuple[int, int]) -> jax.Array:
-    bound = np.float32(math.sqrt(6.0 / shape[1]))
+def _draw(key: jax.Array, shape: tuple[int, int], init: str) -> jax.Array:
+    if init == "kaiming_normal":
+        return jax.random.normal(key, shape, jnp.float32) * np.float32(math.sqrt(2.0 / shape[1]))
+    bound = np.float32(1.0 if init == "uniform" else math.sqrt(6.0 / shape[1]))
     bits = jax.random.bits(key, shape, jnp.uint32)
     unit = (bits >> 9).astype(jnp.float32) * jnp.float32(2.0**-22) - jnp.float32(1.0)
     return unit * bound
 
 
-def make_projections(seed: int, r: int, in_max: int, out_max: int) -> dict[str, jax.Array]:
+def _pair(key: jax.Array, r: int, n_in: int, n_out: int, init: str) -> dict[str, jax.Array]:
+    key_a, key_b = jax.random.split(key)
+    return {"A": _draw(key_a, (r, n_in), init), "B": _draw(key_b, (n_out, r), init)}
+
+
+def make_projections(seed: int, r: int, in_max: int, out_max: int, init: str = "kaiming_uniform") -> dict[str, jax.Array]:
     """A (r, in_max) and B (out_max, r), float32, from one seed (traceable: works under jit,
     eval_shape and inside a mesh; the values never depend on the sharding)."""
     with jax.threefry_partitionable(True):
+        return _pair(jax.random.key(seed, impl=PRNG_IMPL), r, in_max, out_max, init)
+
+
+def make_layer_projections(seed: int, r: int, layers: Sequence, init: str = "kaiming_uniform") -> dict:
+    """Unshared projections: {module path...: {"A": (r, in), "B": (out, r)}} for each LayerSpec."""
+    out: dict = {}
+    with jax.threefry_partitionable(True):
         key = jax.random.key(seed, impl=PRNG_IMPL)
-        key_a, key_b = jax.random.split(key)
-        return {"A": _kaiming_uniform(key_a, (r, in_max)), "B": _kaiming_uniform(key_b, (out_max, r))}
+        for spec in layers:
+            node = out
+            for name in spec.path:
+                node = node.setdefault(name, {})
+            layer_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()))
+            node.update(_pair(layer_key, r, spec.in_features, spec.out_features, init))
+    return out
 
 
-def fingerprint(projections: Mapping[str, jax.Array]) -> str:
-    """SHA-256 hex digest of the projections: names, shapes, dtypes and bytes, in name order."""
+def flat_names(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[str, jax.Array]:
+    """'/'-joined path -> leaf, for a nested dict of arrays."""
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, Mapping):
+            out.update(flat_names(value, prefix + (str(key),)))
+        else:
+            out["/".join(prefix + (str(key),))] = value
+    return out
+
+
+def fingerprint(projections: Mapping) -> str:
+    """SHA-256 hex digest of the projections (a dict of arrays, possibly nested): names, shapes,
+    dtypes and bytes, in name order."""
     h = hashlib.sha256()
-    for name in sorted(projections):
-        arr = np.ascontiguousarray(np.asarray(jax.device_get(projections[name])))
+    flat = flat_names(projections)
+    for name in sorted(flat):
+        arr = np.ascontiguousarray(np.asarray(jax.device_get(flat[name])))
         h.update(f"{name}:{arr.dtype.str}:{arr.shape};".encode())
         h.update(arr.tobytes())
     return h.hexdigest()

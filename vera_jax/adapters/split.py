@@ -36,12 +36,17 @@ def _label_base(adapted: Adapted):
     return jax.tree_util.tree_map_with_path(label, adapted.base)
 
 
+def _adapter_label(adapted: Adapted, leaf: str):
+    frozen = (leaf == "lambda_d" and not adapted.config.train_d) or (leaf == "lambda_b" and not adapted.config.train_b)
+    return None if frozen else ADAPTER
+
+
 def optax_labels(adapted: Adapted) -> Adapted:
     """Labels with the structure of `partition(adapted)[0]`: "adapter" for adapter leaves, "head"
     for `trainable_extra` leaves, "full" for the base under full fine-tuning, None elsewhere."""
     return adapted.replace(
         base=_label_base(adapted),
-        adapter=jax.tree.map(lambda _: ADAPTER, adapted.adapter),
+        adapter=jax.tree_util.tree_map_with_path(lambda path, _: _adapter_label(adapted, path[-1].key), adapted.adapter),
         projections=jax.tree.map(lambda _: None, adapted.projections),
     )
 
