@@ -4,6 +4,7 @@
     adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=256, targets=("query", "value")))
     logits = model.apply({"params": vera_jax.merge(adapted)}, x)          # merged path
     logits = vera_jax.apply_factored(model, adapted, x)                   # factored path
+    logits = vera_jax.apply_adapted(model, adapted, x, path="auto")       # cheaper path per layer
     trainable, frozen = vera_jax.partition(adapted)                       # grad only trainable
     tx = optax.multi_transform({"adapter": ..., "head": ...}, vera_jax.optax_labels(adapted))
     vera_jax.save_adapter("out/adapter", adapted)
@@ -18,15 +19,18 @@ from .adapters import (
     LayerSpec,
     LoraConfig,
     VeraConfig,
+    apply_adapted,
     apply_factored,
     apply_full,
     apply_head,
     apply_lora,
     apply_vera,
+    choose_path,
     combine,
     count_trainable,
     find_targets,
     fingerprint,
+    layer_costs,
     layer_delta,
     load_adapter,
     make_projections,
@@ -40,7 +44,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
-    "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "combine",
-    "count_trainable", "find_targets", "fingerprint", "layer_delta", "load_adapter",
+    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "choose_path", "combine",
+    "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
     "make_projections", "merge", "optax_labels", "partition", "save_adapter",
 ]

@@ -2,7 +2,8 @@
 
 from .config import FullConfig, HeadConfig, LoraConfig, VeraConfig
 from .core import Adapted, apply_full, apply_head, apply_lora, apply_vera, layer_delta, merge
-from .factored import apply_factored
+from .cost import choose_path, layer_costs
+from .factored import apply_adapted, apply_factored
 from .files import AdapterFileError, load_adapter, save_adapter
 from .projections import fingerprint, make_projections
 from .split import combine, count_trainable, optax_labels, partition

@@ -1,23 +1,30 @@
-"""The factored path: run any linen model on its base params and add each adapted layer's low-rank
-term to that layer's output, without building W0 + delta.
+"""The factored and auto paths: run any linen model on its base params and handle each adapted
+layer where it is called.
+
+Factored: add the low-rank term to the layer's output, without building W0 + delta:
 
     y = x @ W0 + (((x @ A_l.T) * d) @ B_l.T) * b          (VeRA)
     y = x @ W0 + ((x @ A.T) @ B.T) * alpha / r            (LoRA)
 
+Auto: per layer, merged or factored by the cost model (`cost.py`) for the token count the layer
+sees; a merged layer runs an unbound copy of its own module on W0 + delta.
+
 The model is not rewritten: `flax.linen.intercept_methods` sees every module call, and the ones
-whose scope path is an adapted layer's param path get the extra term. The input is the call's
-first argument, flattened over the kernel's input axes (DenseGeneral contracts the trailing axes).
+whose scope path is an adapted layer's param path are handled. The input is the call's first
+argument, flattened over the kernel's input axes (DenseGeneral contracts the trailing axes).
 """
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .core import Adapted, get_path, layer_projections
+from .core import Adapted, get_path, layer_delta, layer_projections, merge
+from .cost import choose_path
 from .targets import LayerSpec
 
 
@@ -38,34 +45,52 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
     raise ValueError(f"method {adapted.method!r} has no factored path")
 
 
-def apply_factored(
+def apply_adapted(
     model: nn.Module,
     adapted: Adapted,
     *args,
+    path: str = "auto",
+    train: bool = True,
     variables: dict[str, Any] | None = None,
     dropout_rng: jax.Array | None = None,
     **apply_kwargs,
 ):
-    """`model.apply({"params": adapted.base, **variables}, *args, **apply_kwargs)` with every
-    adapted layer's output increased by its low-rank term.
+    """`model.apply` on the adapted params, each adapted layer computed by the chosen path.
 
-    dropout_rng: enables the config's adapter dropout (training); None disables it (eval).
-    variables: other collections (e.g. batch_stats).
+    path: "merged" (W0 + delta, then the layer's own matmul), "factored" (x @ W0 plus the
+      low-rank term), or "auto": per layer, the cheaper one by `cost.choose_path` for the token
+      count that layer actually sees (decided while tracing, so it costs nothing at run time).
+    train: whether the cost model counts the backward pass (set False for eval/generation).
+    dropout_rng: enables the config's adapter dropout (training), which forces the factored
+      path (the merged path cannot drop the adapter's input alone); None disables it.
+    variables: other collections (e.g. batch_stats). Results are equal across paths up to
+      float rounding.
     """
+    if path not in ("auto", "merged", "factored"):
+        raise ValueError(f"path: {path!r} is not one of ['auto', 'merged', 'factored']")
+    dropout = bool(getattr(adapted.config, "dropout", 0.0)) and dropout_rng is not None
+    if path == "merged" and not dropout:
+        return model.apply({"params": merge(adapted), **(variables or {})}, *args, **apply_kwargs)
     specs = {spec.path: spec for spec in adapted.layers}
     seen: set[tuple[str, ...]] = set()
+    force_factored = path == "factored" or dropout
 
     def interceptor(next_fun, call_args, call_kwargs, context):
-        out = next_fun(*call_args, **call_kwargs)
         module = context.module
-        if context.method_name != "__call__" or module.scope is None:
-            return out
-        spec = specs.get(tuple(module.scope.path))
+        spec = specs.get(tuple(module.scope.path)) if context.method_name == "__call__" and module.scope else None
         if spec is None or not call_args:
-            return out
+            return next_fun(*call_args, **call_kwargs)
         seen.add(spec.path)
         x = call_args[0]
         lead = x.shape[: x.ndim - spec.in_axes]
+        tokens = math.prod(lead)
+        if not force_factored and choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r,
+                                              adapted.method, train) == "merged":
+            own = dict(module.variables["params"])
+            w0 = own["kernel"]
+            own["kernel"] = (w0.astype(jnp.float32) + layer_delta(adapted, spec).reshape(w0.shape)).astype(w0.dtype)
+            return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
+        out = next_fun(*call_args, **call_kwargs)
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
         term = layer_term(adapted, spec, x.reshape(lead + (spec.in_features,)), rng)
         return out + term.reshape(out.shape).astype(out.dtype)
@@ -75,8 +100,14 @@ def apply_factored(
     missing = sorted("/".join(p) for p in set(specs) - seen)
     if missing:
         raise ValueError(
-            f"apply_factored: adapted layers never called as a module by this model: {missing}. "
-            "The factored path needs each adapted kernel to belong to a linen module called once "
-            "per layer (e.g. nn.Dense); use merge() for other models."
+            f"apply_adapted: adapted layers never called as a module by this model: {missing}. "
+            "The factored and auto paths need each adapted kernel to belong to a linen module "
+            "called once per layer (e.g. nn.Dense); use path='merged' for other models."
         )
     return result
+
+
+def apply_factored(model: nn.Module, adapted: Adapted, *args, variables=None, dropout_rng=None, **apply_kwargs):
+    """`apply_adapted(..., path="factored")`: every adapted layer adds its low-rank term to
+    `x @ W0`, without building W0 + delta."""
+    return apply_adapted(model, adapted, *args, path="factored", variables=variables, dropout_rng=dropout_rng, **apply_kwargs)

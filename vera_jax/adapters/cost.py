@@ -1,0 +1,44 @@
+"""Which adapter path is cheaper for one layer: a cost model in multiply-adds.
+
+For a layer with `tokens` rows of input, kernel (n_in, n_out) and rank r:
+
+  training   merged   = tokens*n_in*n_out      (the weight gradient dW = x.T @ g, which the
+                                                frozen model never computes)
+                      + 3*n_in*r*n_out         (form the delta, then the two products that take
+                                                dW back to the factors)
+             factored = k*tokens*r*(n_in+n_out) (forward x@A.T@B.T, the same again for the input
+                                                gradient; LoRA, k = 3, adds its factors' gradients,
+                                                VeRA, k = 2, needs only elementwise sums for d, b)
+  inference  merged   = n_in*r*n_out           (form W0 + delta once; the matmul is the base's)
+             factored = tokens*r*(n_in+n_out)
+
+The merged path is cheaper when tokens*r*(n_in+n_out) outweighs n_in*n_out*(tokens + 3r)/k,
+which is VeRA's usual regime (large r), while LoRA's small r favours the factored path.
+Memory, reported but not used to choose: merged holds W_eff and dW (2*n_in*n_out numbers),
+factored keeps the (tokens, r) activation for the backward pass.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+Path = Literal["merged", "factored"]
+
+
+def layer_costs(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True) -> dict:
+    """Multiply-adds and extra activation/weight memory (in numbers) of both paths for one layer."""
+    if train:
+        k = 2 if method == "vera" else 3
+        merged = tokens * n_in * n_out + 3 * n_in * r * n_out
+        factored = k * tokens * r * (n_in + n_out)
+    else:
+        merged = n_in * r * n_out
+        factored = tokens * r * (n_in + n_out)
+    return {"merged": merged, "factored": factored,
+            "merged_memory": (2 if train else 1) * n_in * n_out, "factored_memory": tokens * r}
+
+
+def choose_path(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True) -> Path:
+    """The path with fewer multiply-adds (merged on a tie)."""
+    costs = layer_costs(tokens, n_in, n_out, r, method, train)
+    return "merged" if costs["merged"] <= costs["factored"] else "factored"
