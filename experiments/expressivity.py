@@ -125,6 +125,7 @@ def _write(rows: list[dict], workdir: Path, config) -> None:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for method, style in (("lora", "o-"), ("vera", "s-")):
@@ -133,6 +134,7 @@ def _write(rows: list[dict], workdir: Path, config) -> None:
     svd = [r for r in medians if r["svd_optimum"] is not None]
     ax.plot([r["params"] for r in svd], [r["svd_optimum"] for r in svd], "k:", label="LoRA optimum (SVD)")
     ax.set_xscale("log")
+    ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("trainable parameters")
     ax.set_ylabel("relative squared error")
     ax.set_title(f"Fitting a random {config.n}x{config.n} matrix")
