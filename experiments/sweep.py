@@ -198,20 +198,23 @@ def write_report(config, table: list[dict], plot_x: str = "") -> dict[str, Path]
 
 
 def _plot(config, table: list[dict], x_key: str, path: Path) -> Path:
-    """Median best metric against `x_key`, one line per value of the other non-seed keys."""
+    """Median best metric against `x_key`, one line per value of the other non-seed keys.
+    `x_key` may list alternatives ("vera.r,lora.r"): each row uses the first it has."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     metric = f"median_{table[0]['best_metric']}" if table else ""
+    x_keys = x_key.split(",")
     series: dict[str, list] = {}
     for row in table:
-        if x_key not in row or metric not in row:
+        key = next((k for k in x_keys if k in row), None)
+        if key is None or metric not in row:
             continue
         label = ", ".join(f"{k}={v}" for k, v in row.items()
-                          if k not in (x_key, "seeds", "trainable_params", "best_metric") and not k.startswith("median_"))
-        series.setdefault(label, []).append((float(row[x_key]), row[metric]))
+                          if k not in (key, "seeds", "trainable_params", "best_metric") and not k.startswith("median_"))
+        series.setdefault(label, []).append((float(row[key]), row[metric]))
     fig, ax = plt.subplots(figsize=(6, 4))
     for label, points in series.items():
         points.sort()
@@ -240,7 +243,7 @@ def main(argv=None) -> int:
     p_cmd.add_argument("--python", default="python", help="interpreter on the target machine")
     p_rep = sub.add_parser("report", help="median over seeds of the best-epoch metrics (markdown + CSV)")
     p_rep.add_argument("sweep")
-    p_rep.add_argument("--plot-x", default="", help="a swept key to plot the median metric against (e.g. vera.r)")
+    p_rep.add_argument("--plot-x", default="", help="swept key(s) to plot the median metric against (e.g. vera.r,lora.r)")
     args = parser.parse_args(argv)
     config = load_sweep(args.sweep)
     if args.action == "run":

@@ -3,6 +3,7 @@
 import json
 import sys
 import textwrap
+from pathlib import Path
 
 import ml_collections
 import pytest
@@ -82,7 +83,7 @@ def test_report_takes_the_median_over_seeds(tmp_path, fake_module):
     assert by[("vera", "4")]["median_accuracy"] == pytest.approx(0.8 + 0.02 + 0.004)  # seeds 0..4 -> median 2
     assert by[("lora", "1")]["median_f1"] == pytest.approx((0.7 + 0.02 + 0.001) / 2)
     assert by[("lora", "1")]["trainable_params"] == 100
-    paths = sweep.write_report(c, table, plot_x="r")
+    paths = sweep.write_report(c, table, plot_x="rank,r")
     md = paths["md"].read_text()
     assert "| method | r | seeds | trainable_params | best_metric | median_accuracy | median_f1 |" in md
     assert "| vera | 4 | 5 | 100 | accuracy | 0.8240 | 0.4120 |" in md
@@ -127,3 +128,15 @@ def test_cli_on_a_config_file(tmp_path, fake_module, capsys):
         spec.write_text("import ml_collections\ndef get_config():\n    c = ml_collections.ConfigDict()\n"
                         "    c.module = c.config = c.root = 'x'\n    c.grid = []\n    return c\n")
         sweep.load_sweep(str(spec))
+
+
+def test_shipped_sweep_configs_expand(tmp_path):
+    sweeps = Path(__file__).parents[1] / "configs" / "sweeps"
+    mrpc = sweep.load_sweep(str(sweeps / "minilm_mrpc.py"))
+    assert len(sweep.expand(mrpc)) == 6
+    rank = sweep.load_sweep(f"{sweeps / 'rank_rte.py'}:roberta_large")
+    runs = sweep.expand(rank)
+    assert len(runs) == (4 + 5) * 5 and rank.config == "configs/roberta_large_rte.py"
+    assert "--config.vera.r=16" in sweep.command(rank, runs[0])
+    with pytest.raises(ValueError, match="rank_rte sweep arg"):
+        sweep.load_sweep(f"{sweeps / 'rank_rte.py'}:gpt")
