@@ -1,7 +1,6 @@
 """experiments/sweep.py: expansion, skip/resume, failures recorded, commands, the median rule."""
 
 import json
-import sys
 import textwrap
 from pathlib import Path
 

@@ -25,6 +25,7 @@ from .adapters import (
     apply_head,
     apply_lora,
     apply_vera,
+    call_adapted,
     choose_path,
     combine,
     count_trainable,
@@ -44,7 +45,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
-    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "choose_path", "combine",
+    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted", "choose_path", "combine",
     "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
     "make_projections", "merge", "optax_labels", "partition", "save_adapter",
 ]

@@ -17,7 +17,7 @@ argument, flattened over the kernel's input axes (DenseGeneral contracts the tra
 from __future__ import annotations
 
 import math
-from typing import Any
+from typing import Any, Callable
 
 import flax.linen as nn
 import jax
@@ -45,32 +45,34 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
     raise ValueError(f"method {adapted.method!r} has no factored path")
 
 
-def apply_adapted(
-    model: nn.Module,
+def call_adapted(
+    fn: Callable,
     adapted: Adapted,
     *args,
     path: str = "auto",
     train: bool = True,
-    variables: dict[str, Any] | None = None,
     dropout_rng: jax.Array | None = None,
-    **apply_kwargs,
+    params_transform: Callable | None = None,
 ):
-    """`model.apply` on the adapted params, each adapted layer computed by the chosen path.
+    """`fn(params, *args)` on the adapted model, each adapted layer computed by the chosen path.
 
-    path: "merged" (W0 + delta, then the layer's own matmul), "factored" (x @ W0 plus the
-      low-rank term), or "auto": per layer, the cheaper one by `cost.choose_path` for the token
-      count that layer actually sees (decided while tracing, so it costs nothing at run time).
-    train: whether the cost model counts the backward pass (set False for eval/generation).
+    fn: any function that runs linen modules on a params tree (a loss, `model.apply`, ...).
+    path: "merged" (fn gets W0 + delta), "factored" (fn gets the base params; each adapted
+      layer's output gains its low-rank term), or "auto": per layer, the cheaper of the two by
+      `cost.choose_path` for the token count that layer actually sees (decided while tracing,
+      free at run time; a merged layer runs an unbound copy of its own module on W0 + delta).
+    train: whether the cost model counts the backward pass (False for eval and generation).
     dropout_rng: enables the config's adapter dropout (training), which forces the factored
       path (the merged path cannot drop the adapter's input alone); None disables it.
-    variables: other collections (e.g. batch_stats). Results are equal across paths up to
-      float rounding.
+    params_transform: applied to the params handed to fn (e.g. a cast to the compute dtype).
+    Results are equal across paths up to float rounding.
     """
     if path not in ("auto", "merged", "factored"):
         raise ValueError(f"path: {path!r} is not one of ['auto', 'merged', 'factored']")
+    transform = params_transform or (lambda p: p)
     dropout = bool(getattr(adapted.config, "dropout", 0.0)) and dropout_rng is not None
-    if path == "merged" and not dropout:
-        return model.apply({"params": merge(adapted), **(variables or {})}, *args, **apply_kwargs)
+    if not adapted.layers or (path == "merged" and not dropout):
+        return fn(transform(merge(adapted)), *args)
     specs = {spec.path: spec for spec in adapted.layers}
     seen: set[tuple[str, ...]] = set()
     force_factored = path == "factored" or dropout
@@ -96,15 +98,34 @@ def apply_adapted(
         return out + term.reshape(out.shape).astype(out.dtype)
 
     with nn.intercept_methods(interceptor):
-        result = model.apply({"params": adapted.base, **(variables or {})}, *args, **apply_kwargs)
+        result = fn(transform(adapted.base), *args)
     missing = sorted("/".join(p) for p in set(specs) - seen)
     if missing:
         raise ValueError(
-            f"apply_adapted: adapted layers never called as a module by this model: {missing}. "
-            "The factored and auto paths need each adapted kernel to belong to a linen module "
-            "called once per layer (e.g. nn.Dense); use path='merged' for other models."
+            f"path={path!r}: adapted layers never called as a module: {missing}. The factored and "
+            "auto paths need each adapted kernel to belong to a linen module called once per layer "
+            "(e.g. nn.Dense); use path='merged' for other models."
         )
     return result
+
+
+def apply_adapted(
+    model: nn.Module,
+    adapted: Adapted,
+    *args,
+    path: str = "auto",
+    train: bool = True,
+    variables: dict[str, Any] | None = None,
+    dropout_rng: jax.Array | None = None,
+    **apply_kwargs,
+):
+    """`model.apply({"params": ..., **variables}, *args, **apply_kwargs)` on the adapted model;
+    `path`, `train` and `dropout_rng` as in `call_adapted`; `variables` holds other collections."""
+
+    def run(params, *call_args):
+        return model.apply({"params": params, **(variables or {})}, *call_args, **apply_kwargs)
+
+    return call_adapted(run, adapted, *args, path=path, train=train, dropout_rng=dropout_rng)
 
 
 def apply_factored(model: nn.Module, adapted: Adapted, *args, variables=None, dropout_rng=None, **apply_kwargs):

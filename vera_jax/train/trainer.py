@@ -1,0 +1,386 @@
+"""The one trainer: sharded jit train/eval steps over (trainable, frozen) adapter trees, optimizer
+groups, exact resume from orbax checkpoints, metrics and a run summary.
+
+    task = Task(adapted=vera_jax.apply_vera(params, vcfg), loss_fn=..., train_data=...,
+                eval_data=..., eval_fn=..., metrics_fn=..., param_axes=nn.get_partition_spec(boxed))
+    result = train_and_evaluate(config, workdir, task)
+
+Exits: `Preempted` (a SystemExit, exit status 143) after SIGTERM once a checkpoint of the current
+step is written; `NonFiniteLossError` (a FloatingPointError, exit status 1 when uncaught) when the
+loss or gradient norm of a step is NaN/inf, before that step is checkpointed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import os
+import signal
+import threading
+import time
+from typing import Any, Callable, Optional
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+from jax.experimental import multihost_utils
+from jax.sharding import NamedSharding, PartitionSpec as P
+from tqdm.auto import tqdm
+
+import vera_jax
+
+from . import data as data_lib
+from . import mesh as mesh_lib
+from .checkpoint import Checkpointer
+from .metrics import Best, MetricWriter
+from .optim import make_optimizer
+
+PREEMPTED_EXIT_CODE = 143
+
+
+class Preempted(SystemExit):
+    """SIGTERM arrived; the current step was checkpointed. Exit status 143 (128 + SIGTERM)."""
+
+    def __init__(self, step: int):
+        super().__init__(PREEMPTED_EXIT_CODE)
+        self.step = step
+
+    def __str__(self) -> str:
+        return f"preempted by SIGTERM; checkpoint written at step {self.step}"
+
+
+class NonFiniteLossError(FloatingPointError):
+    """The loss or gradient norm of optimizer step `step` (1-based) is not finite; nothing from that
+    step was checkpointed."""
+
+    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int]):
+        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
+        super().__init__(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
+                         f"training stopped, last good checkpoint: step {last_checkpoint}")
+
+
+@dataclasses.dataclass
+class Task:
+    """What a benchmark family plugs into the trainer.
+
+    adapted: the model's params with an adapter attached (vera_jax.apply_vera / apply_lora / ...).
+    loss_fn(params, batch, rng) -> (scalar loss, dict of scalar aux metrics); `params` are plain
+        model params (merged W0 + delta, or the base params under factored interception).
+    train_data: grain.MapDataset of single examples (the trainer shuffles and batches), or a
+        grain.IterDataset yielding this process's batches (batch_size / process_count rows).
+    eval_data: grain.MapDataset of single examples, or None.
+    eval_fn(params, batch) -> dict of arrays with a leading batch axis (predictions, labels, ...).
+    metrics_fn(outputs) -> dict of floats, on the concatenated eval_fn outputs of the eval set.
+    param_axes: logical axis names of adapted.base (nn.get_partition_spec of the boxed params from
+        model.init); None replicates every param.
+    """
+
+    adapted: vera_jax.Adapted
+    loss_fn: Callable
+    train_data: Any
+    eval_data: Any = None
+    eval_fn: Optional[Callable] = None
+    metrics_fn: Optional[Callable] = None
+    param_axes: Any = None
+    name: str = "task"
+
+
+@dataclasses.dataclass
+class TrainResult:
+    adapted: vera_jax.Adapted  # final params with trained adapter (global arrays)
+    summary: dict
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    trainable: Any
+    opt_state: Any
+    rng: jax.Array
+
+
+def _is_none(x) -> bool:
+    return x is None
+
+
+def _cast(tree, dtype):
+    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+
+
+def call_model_fn(fn: Callable, adapted: vera_jax.Adapted, config, *args, dropout_rng=None, train: bool = True):
+    """fn(params, *args) on the adapted model by `config.adapter_path` (merged | factored | auto,
+    see `vera_jax.call_adapted`), params cast to `config.compute_dtype`."""
+    dtype = jnp.dtype(config.compute_dtype)
+    return vera_jax.call_adapted(fn, adapted, *args, path=config.adapter_path, train=train,
+                                 dropout_rng=dropout_rng, params_transform=lambda p: _cast(p, dtype))
+
+
+def _total_steps(config, per_epoch: Optional[int]) -> int:
+    if config.num_train_steps > 0:
+        return int(config.num_train_steps)
+    if per_epoch is None:
+        raise ValueError("num_train_steps: must be > 0 when train_data is a grain.IterDataset")
+    return max(1, int(math.ceil(config.num_epochs * per_epoch)))
+
+
+def _validate(config, task: Task) -> None:
+    if config.adapter_path not in ("merged", "factored", "auto"):
+        raise ValueError(f"adapter_path: expected merged|factored|auto, got {config.adapter_path!r}")
+    if getattr(task.adapted.config, "dropout", 0.0) and config.adapter_path == "merged":
+        raise ValueError("adapter dropout > 0 acts on the adapter input, which the merged path never sees; "
+                         "set adapter_path='factored' or dropout=0")
+    if config.batch_size % config.grad_accum_steps:
+        raise ValueError(f"batch_size {config.batch_size} not divisible by "
+                         f"grad_accum_steps {config.grad_accum_steps}")
+    if config.distributed.enabled and config.distributed.num_processes > 1 and jax.process_count() == 1:
+        raise RuntimeError("distributed.enabled: call vera_jax.train.initialize_distributed(config) "
+                           "before any JAX computation (before building the task)")
+
+
+def _make_train_step(task: Task, config, tx, schedules, mesh, batch_axes):
+    accum = int(config.grad_accum_steps)
+
+    def loss_on(trainable, frozen, batch, rng):
+        adapted = vera_jax.combine(trainable, frozen)
+        dropout_rng = jax.random.fold_in(rng, 1)
+        loss, aux = call_model_fn(task.loss_fn, adapted, config, batch, rng, dropout_rng=dropout_rng)
+        return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
+
+    grad_fn = jax.value_and_grad(loss_on, has_aux=True)
+
+    def step(state: TrainState, frozen, batch):
+        rng = jax.random.fold_in(state.rng, state.step)
+        if accum == 1:
+            (loss, aux), grads = grad_fn(state.trainable, frozen, batch, rng)
+        else:
+            def split(x):
+                x = x.reshape((x.shape[0] // accum, accum) + x.shape[1:]).swapaxes(0, 1)
+                return jax.lax.with_sharding_constraint(x, NamedSharding(mesh, P(None, tuple(batch_axes))))
+
+            micro = jax.tree.map(split, batch)
+
+            def body(carry, xs):
+                i, mb = xs
+                out = grad_fn(state.trainable, frozen, mb, jax.random.fold_in(rng, i))
+                return jax.tree.map(jnp.add, carry, out), None
+
+            zeros = jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), jax.eval_shape(
+                grad_fn, state.trainable, frozen, jax.tree.map(lambda x: x[0], micro), rng))
+            total, _ = jax.lax.scan(body, zeros, (jnp.arange(accum), micro))
+            (loss, aux), grads = jax.tree.map(lambda x: x / accum, total)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.trainable)
+        trainable = optax.apply_updates(state.trainable, updates)
+        metrics = {"loss": loss, "grad_norm": grad_norm, **aux,
+                   **{f"lr/{g}": s(state.step) for g, s in schedules.items()}}
+        return state.replace(step=state.step + 1, trainable=trainable, opt_state=opt_state), metrics
+
+    return step
+
+
+class _Preemption:
+    """SIGTERM, seen between steps. One process: a Python handler sets a flag (the old handler is
+    restored by close()). Under jax.distributed, JAX's preemption sync service owns SIGTERM and
+    agrees on a step that every process reaches, so all of them checkpoint the same step."""
+
+    def __init__(self):
+        self.raised = False
+        self._old = None
+        if not jax.distributed.is_initialized() and threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handle)
+
+    def _handle(self, signum, frame):
+        self.raised = True
+
+    def reached(self, step: int) -> bool:
+        return self.raised or multihost_utils.reached_preemption_sync_point(step)
+
+    def close(self) -> None:
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+            self._old = None
+
+
+def _peak_memory() -> Optional[int]:
+    peaks = [(d.memory_stats() or {}).get("peak_bytes_in_use") for d in jax.local_devices()]
+    peaks = [p for p in peaks if p is not None]
+    return max(peaks) if peaks else None
+
+
+def _write_json(path: str, obj) -> None:
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True, default=str)
+    os.replace(tmp, path)
+
+
+def train_and_evaluate(config, workdir: str, task: Task) -> TrainResult:
+    """Trains `task.adapted`'s trainable leaves per `config` (see `default_config`), resuming from
+    workdir/checkpoints when present; writes metrics.jsonl, tensorboard/, config.json, summary.json."""
+    _validate(config, task)
+    preemption = _Preemption()
+    try:
+        return _train_and_evaluate(config, workdir, task, preemption)
+    finally:
+        preemption.close()
+
+
+def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemption) -> TrainResult:
+    wall_start = time.time()
+    is_main = jax.process_index() == 0
+    os.makedirs(workdir, exist_ok=True)
+    if is_main:
+        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+
+    mesh = mesh_lib.make_mesh(config.mesh)
+    repl = mesh_lib.replicated(mesh)
+    batch_axes = tuple(config.mesh.batch_axes)
+    divisor = mesh_lib.batch_divisor(mesh, batch_axes)
+    micro_batch = config.batch_size // config.grad_accum_steps
+    if micro_batch % divisor or config.eval_batch_size % divisor:
+        raise ValueError(f"batch_size/grad_accum_steps ({micro_batch}) and eval_batch_size "
+                         f"({config.eval_batch_size}) must be divisible by the {divisor} devices "
+                         f"of mesh axes {batch_axes}")
+    batch_sh = mesh_lib.batch_sharding(mesh, batch_axes)
+
+    adapted = task.adapted
+    base_sh = mesh_lib.param_shardings(adapted.base, task.param_axes, mesh, config.mesh.rules)
+    full_sh = adapted.replace(base=base_sh, adapter=jax.tree.map(lambda _: repl, adapted.adapter),
+                              projections=jax.tree.map(lambda _: repl, adapted.projections))
+    trainable, frozen = vera_jax.partition(adapted)
+    trainable_sh, frozen_sh = (
+        jax.tree.map(lambda x, s: None if x is None else s, part, full_sh, is_leaf=_is_none)
+        for part in (trainable, frozen))
+    trainable = mesh_lib.put(trainable, trainable_sh)
+    frozen = mesh_lib.put(frozen, frozen_sh)
+
+    per_epoch = data_lib.steps_per_epoch(task.train_data, config.batch_size)
+    total = _total_steps(config, per_epoch)
+    labels = vera_jax.optax_labels(adapted)
+    tx, schedules = make_optimizer(config.optimizer, labels, total)
+    opt_shapes = jax.eval_shape(tx.init, trainable)
+    masked = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
+    opt_sh = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_shapes, trainable_sh,
+                                   transform_non_params=lambda _: repl, is_leaf=masked)
+    state_sh = TrainState(step=repl, trainable=trainable_sh, opt_state=opt_sh, rng=repl)
+    state = TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable,
+                       opt_state=jax.jit(tx.init, out_shardings=opt_sh)(trainable),
+                       rng=jax.random.PRNGKey(config.seed))
+    state = jax.device_put(state, state_sh)
+
+    train_step = jax.jit(_make_train_step(task, config, tx, schedules, mesh, batch_axes),
+                         in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
+                         donate_argnums=(0,))
+    eval_step = None
+    if task.eval_data is not None:
+        if task.eval_fn is None or task.metrics_fn is None:
+            raise ValueError("task: eval_data needs eval_fn and metrics_fn")
+        eval_step = jax.jit(
+            lambda t, f, b: call_model_fn(task.eval_fn, vera_jax.combine(t, f), config, b, train=False),
+            in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
+
+    data_iter = data_lib.train_iterator(task.train_data, global_batch=config.batch_size, num_steps=total,
+                                        seed=config.seed, shuffle=config.shuffle,
+                                        threads=config.data_threads, prefetch=config.data_prefetch)
+    ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
+                        use_async=config.checkpoint_async)
+    writer = MetricWriter(workdir, config.tensorboard)
+    meta = {"log_sums": {}, "log_count": 0, "best": None, "last_eval": None, "last_train": None}
+    start = 0
+    if config.resume:
+        abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
+        restored = ckpt.restore_latest(abstract, data_iter)
+        if restored is not None:
+            state, meta = restored
+            start = int(state.step)
+            logging.info("resumed from step %d in %s", start, ckpt.directory)
+    writer.truncate_after(start)
+    best = Best(config.best_metric, config.best_mode, meta["best"])
+
+    def evaluate() -> dict:
+        outputs = []
+        for local, n_valid in data_lib.eval_batches(task.eval_data, config.eval_batch_size, config.data_threads):
+            out = eval_step(state.trainable, frozen, mesh_lib.global_batch(local, batch_sh))
+            outputs.append(jax.tree.map(lambda x: np.asarray(x)[:n_valid], out))
+        merged_out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
+        return {k: float(v) for k, v in task.metrics_fn(merged_out).items()}
+
+    def epoch_of(step: int) -> Optional[float]:
+        return None if per_epoch is None else step / per_epoch
+
+    def run_eval(step: int) -> None:
+        metrics = evaluate()
+        best.update(step, epoch_of(step), metrics)
+        meta.update(best=best.state, last_eval=metrics)
+        writer.write(step, {**{f"eval/{k}": v for k, v in metrics.items()},
+                            **({} if per_epoch is None else {"epoch": epoch_of(step)})})
+
+    bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar), desc=task.name,
+               dynamic_ncols=True)
+    run_examples, run_time = 0, 0.0
+    try:
+        for step in range(start + 1, total + 1):
+            if preemption.reached(step - 1):
+                ckpt.save(step - 1, state, meta, data_iter)
+                ckpt.wait()
+                logging.warning("%s", Preempted(step - 1))
+                raise Preempted(step - 1)
+            t_step = time.perf_counter()
+            batch = mesh_lib.global_batch(next(data_iter), batch_sh)
+            state, metrics = train_step(state, frozen, batch)
+            metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+            run_time += time.perf_counter() - t_step
+            run_examples += config.batch_size
+            if not (math.isfinite(metrics["loss"]) and math.isfinite(metrics["grad_norm"])):
+                ckpt.wait()
+                raise NonFiniteLossError(step, metrics["loss"], metrics["grad_norm"], ckpt.latest_step())
+            for k, v in metrics.items():
+                meta["log_sums"][k] = meta["log_sums"].get(k, 0.0) + v
+            meta["log_count"] += 1
+            bar.update(1)
+            if step % config.log_every_steps == 0 or step == total:
+                means = {f"train/{k}": v / meta["log_count"] for k, v in meta["log_sums"].items()}
+                meta.update(log_sums={}, log_count=0, last_train=means)
+                writer.write(step, {**means, **({} if per_epoch is None else {"epoch": epoch_of(step)})})
+                bar.set_postfix(loss=f"{means['train/loss']:.4g}",
+                                lr=f"{max(v for k, v in means.items() if k.startswith('train/lr/')):.3g}",
+                                ex_s=f"{run_examples / run_time:.1f}")
+            due = (step % config.eval_every_steps == 0) if config.eval_every_steps > 0 else \
+                (per_epoch is not None and step % per_epoch == 0)
+            if eval_step is not None and (due or step == total):
+                run_eval(step)
+            if step % config.checkpoint_every_steps == 0 or step == total:
+                ckpt.save(step, state, meta, data_iter)
+        ckpt.wait()
+    finally:
+        bar.close()
+        writer.close()
+        ckpt.close()
+        if hasattr(data_iter, "close"):
+            data_iter.close()
+
+    final_adapted = vera_jax.combine(state.trainable, frozen)
+    summary = {
+        "task": task.name,
+        "steps": total,
+        "epochs": epoch_of(total),
+        "resumed_from_step": start or None,
+        "final": {"train": meta["last_train"], "eval": meta["last_eval"]},
+        "best": {"metric": best.metric, "mode": best.mode, **best.state},
+        "trainable_params": vera_jax.count_trainable(adapted),
+        "wall_time_s": time.time() - wall_start,
+        "train_time_s": run_time,
+        "examples_per_sec": run_examples / run_time if run_time > 0 else None,
+        "peak_memory_bytes": _peak_memory(),
+        "devices": jax.device_count(),
+        "processes": jax.process_count(),
+        "mesh": dict(mesh.shape),
+    }
+    if is_main:
+        _write_json(os.path.join(workdir, "config.json"), json.loads(config.to_json_best_effort()))
+        _write_json(os.path.join(workdir, "summary.json"), summary)
+    return TrainResult(adapted=final_adapted, summary=summary)
