@@ -1,0 +1,554 @@
+"""Hugging Face PEFT adapter directories (VeRA and LoRA), read and written exactly.
+
+A PEFT adapter directory holds `adapter_config.json` and `adapter_model.safetensors` whose keys
+are the PyTorch module names of the base model under `base_model.model.`:
+
+    VeRA  <module>.vera_lambda_d (r,), <module>.vera_lambda_b (out,),
+          base_model.vera_A (r, in_max), base_model.vera_B (out_max, r)   (save_projection=true)
+    LoRA  <module>.lora_A.weight (r, in), <module>.lora_B.weight (out, r), scaling lora_alpha / r
+    both  <module>.<param> for every parameter of a `modules_to_save` module (a trained head)
+
+These are our `Adapted` leaves under other names: the same d, b, A, B, lora_A, lora_B (VeRA's A
+and B are shared and sliced A[:, :in], B[:out, :] per layer, as here); only head weights change
+layout (torch Linear weights are our kernels transposed). Module names are mapped through the
+model family's `params_to_hf` (see `layout.py`): written adapters use the module names of the
+installed transformers' PyTorch model (transformers 5 renamed some, e.g. ViT's), read adapters may
+use those or the checkpoint's (older adapters). Every family that can export a checkpoint can
+exchange adapters this way, with one exception: GPT-2's fused `c_attn` (query, key and value in one
+Conv1D) is three Dense layers here, and a PEFT adapter on it has no exact equivalent (VeRA: one b
+over the 3*d outputs and one d shared by the three; LoRA: one rank-r A shared by the three), so
+either direction refuses it. GPT-2's other Conv1D layers (`attn.c_proj`, `mlp.c_fc`,
+`mlp.c_proj`) are exchanged with `fan_in_fan_out: true`.
+
+Only JSON and safetensors are read; a pickled `adapter_model.bin` is refused. An adapter saved
+with `save_projection: false` holds no A/B: PEFT redraws them with torch's generator, which JAX
+cannot reproduce, so loading needs the caller's `projections`. Features with no counterpart
+here (DoRA, trained biases, per-module ranks, initialisations that rewrite the base weights,
+...) are refused with the field that asks for them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from pathlib import Path
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import SafetensorError
+from safetensors.numpy import load_file, save_file
+
+from vera_jax.adapters import core
+from vera_jax.adapters import targets as targets_lib
+from vera_jax.adapters.config import LoraConfig, VeraConfig
+from vera_jax.adapters.core import Adapted
+from vera_jax.adapters.files import AdapterFileError
+from vera_jax.interop.layout import (
+    COPY, FUSED, TRANSPOSE, HFLayout, from_hf, hf_layout, module_names, read_hf_config, to_hf)
+
+CONFIG_FILE = "adapter_config.json"
+TENSORS_FILE = "adapter_model.safetensors"
+PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
+PREFIX = "base_model.model."
+VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
+SUFFIXES = {"VERA": ("vera_lambda_d", "vera_lambda_b"), "LORA": ("lora_A.weight", "lora_B.weight")}
+DEFAULT_R = {"VERA": 256, "LORA": 8}  # PEFT's defaults, for a config that omits r
+# LoRA initialisations that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
+# rewrite them, so their adapters only fit a modified base model).
+LORA_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+class PeftFormatError(AdapterFileError):
+    """A PEFT adapter directory is malformed, or asks for something vera_jax cannot represent."""
+
+
+# ----------------------------------------------------------------------------------------- reading
+
+
+def _read_config(directory: Path) -> dict:
+    path = directory / CONFIG_FILE
+    if not path.is_file():
+        raise PeftFormatError(f"no PEFT adapter at {directory}: {CONFIG_FILE} is missing")
+    try:
+        config = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise PeftFormatError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(config, dict):
+        raise PeftFormatError(f"{path}: expected a JSON object")
+    peft_type = config.get("peft_type")
+    if peft_type not in SUFFIXES:
+        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; supported: {sorted(SUFFIXES)}")
+    return config
+
+
+def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
+    path = directory / TENSORS_FILE
+    if not path.is_file():
+        pickled = [f for f in PICKLE_FILES if (directory / f).is_file()]
+        if pickled:
+            raise PeftFormatError(
+                f"{directory / pickled[0]} is a pickle file, which can run arbitrary code when loaded and is "
+                f"never read; convert it to {TENSORS_FILE} first, e.g. in PyTorch: "
+                f"safetensors.torch.save_file(torch.load(path, weights_only=True), '{TENSORS_FILE}'), or "
+                "PeftModel.from_pretrained(model, dir).save_pretrained(out_dir) (PEFT writes safetensors)")
+        raise PeftFormatError(f"PEFT adapter at {directory}: {TENSORS_FILE} is missing")
+    try:
+        return load_file(path)
+    except (SafetensorError, OSError, ValueError) as e:
+        raise PeftFormatError(f"{path} is corrupt: {e}") from None
+
+
+def _refuse(where: str, config: dict, field: str, allowed: tuple, why: str) -> None:
+    """Raises unless `field` is absent, empty or one of `allowed`."""
+    value = config.get(field)
+    if value in (None, [], {}) or value in allowed:
+        return
+    raise PeftFormatError(f"{where}: {field}={value!r} is not supported: {why}")
+
+
+def _check_features(where: str, config: dict) -> None:
+    """Refuses PEFT options whose adapters are not plain VeRA / LoRA on linear layers."""
+    _refuse(where, config, "bias", ("none",), "it trains the base layers' biases, which vera_jax adapters do not")
+    _refuse(where, config, "target_parameters", (), "adapters on raw parameters are not supported")
+    _refuse(where, config, "trainable_token_indices", (), "trainable token embeddings are not supported")
+    _refuse(where, config, "layer_replication", (), "it duplicates layers of the base model")
+    if config["peft_type"] == "LORA":
+        _refuse(where, config, "use_dora", (False,), "DoRA's magnitude vector has no vera_jax counterpart")
+        _refuse(where, config, "lora_bias", (False,), "it trains a bias on lora_B")
+        _refuse(where, config, "rank_pattern", (), "vera_jax's LoraConfig has one r for every layer")
+        _refuse(where, config, "alpha_pattern", (), "vera_jax's LoraConfig has one alpha for every layer")
+        _refuse(where, config, "init_lora_weights", LORA_INITS,
+                "this initialisation rewrites the base weights, so the adapter only fits that modified model; "
+                "convert it to a plain LoRA first (PEFT: save_pretrained(..., "
+                "path_initial_model_for_weight_conversion=...))")
+        for field in ("use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "megatron_config"):
+            _refuse(where, config, field, (False,), "not a plain LoRA adapter")
+
+
+def _peft_matches(config: dict, key: str) -> bool:
+    """PEFT's `check_target_module_exists` on a module name (peft 0.21)."""
+    exclude = config.get("exclude_modules")
+    if exclude:
+        if isinstance(exclude, str) and re.fullmatch(exclude, key):
+            return False
+        if not isinstance(exclude, str) and (key in exclude or any(key.endswith("." + e) for e in exclude)):
+            return False
+    if any(re.match(rf"(^|.*\.){m}($|\..*)", key) for m in config.get("modules_to_save") or ()):
+        return False
+    target = config.get("target_modules")
+    if isinstance(target, str):
+        return re.fullmatch(target, key) is not None
+    if key in target:
+        return True
+    if not any(key.endswith("." + t) for t in target):
+        return False
+    layers = config.get("layers_to_transform")
+    if layers is None or layers == []:
+        return True
+    pattern = config.get("layers_pattern")
+    match = None
+    if not pattern:
+        match = re.match(r".*?\.[^.]*\.(?P<idx>\d+)\.", key)
+    else:
+        for p in [pattern] if isinstance(pattern, str) else pattern:
+            match = re.match(rf"(?:^|.*?\.){p}\.(?P<idx>\d+)\.", key)
+            if match:
+                break
+    if match is None:
+        return False
+    index = int(match.group("idx"))
+    return index == layers if isinstance(layers, int) else index in layers
+
+
+def _owners(name: str) -> list[str]:
+    """The modules holding tensor `name`, outermost first."""
+    parts = name.split(".")
+    return [".".join(parts[:k]) for k in range(1, len(parts))]
+
+
+def _split(where: str, config: dict, tensors: dict):
+    """(adapter tensors per HF module, head tensors by HF name, VeRA projections); refuses
+    tensors that are none of these."""
+    suffixes = SUFFIXES[config["peft_type"]]
+    modules: dict[str, dict[str, np.ndarray]] = {}
+    head, projections, unexpected = {}, {}, []
+    to_save = config.get("modules_to_save") or []
+    for key, value in tensors.items():
+        if key in (VERA_A, VERA_B) and config["peft_type"] == "VERA":
+            projections[key] = value
+            continue
+        if not key.startswith(PREFIX):
+            unexpected.append(key)
+            continue
+        name = key[len(PREFIX):]
+        suffix = next((s for s in suffixes if name.endswith("." + s)), None)
+        if suffix is not None:
+            modules.setdefault(name[: -len(suffix) - 1], {})[suffix] = value
+        elif any(o.endswith(m) for o in _owners(name) for m in to_save):
+            head[name] = value
+        else:
+            unexpected.append(key)
+    if unexpected:
+        raise PeftFormatError(f"{where}: unexpected tensors {sorted(unexpected)} (neither {' / '.join(suffixes)} "
+                              f"of an adapted module nor a parameter of modules_to_save {to_save})")
+    if not modules:
+        raise PeftFormatError(f"{where}: no adapter tensors ({' / '.join(suffixes)}) in {TENSORS_FILE}")
+    return modules, head, projections
+
+
+def _linear_modules(layout: HFLayout) -> dict[str, list]:
+    """HF module name -> [(our module path, Placement)] for every kernel (three for a fused one)."""
+    out: dict[str, list] = {}
+    for path, p in layout.leaves.items():
+        if path[-1] == "kernel" and p.hf.endswith(".weight"):
+            out.setdefault(p.hf[: -len(".weight")], []).append((path[:-1], p))
+    return out
+
+
+def _pick_layout(modules, head, layouts: list[HFLayout]) -> HFLayout:
+    """The naming (PyTorch module names, else checkpoint names) the adapter's tensors use."""
+    for layout in layouts:
+        if set(modules) <= set(_linear_modules(layout)) and set(head) <= set(layout.tensors):
+            return layout
+    return layouts[0]
+
+
+def _check_complete(where: str, config: dict, modules, head, projections, layout: HFLayout) -> None:
+    """Every tensor PEFT would load is present: both vectors / matrices of each adapted module,
+    each module target_modules selects, each parameter of modules_to_save, VeRA's A and B."""
+    suffixes = SUFFIXES[config["peft_type"]]
+    missing = [f"{PREFIX}{m}.{s}" for m, found in modules.items() for s in suffixes if s not in found]
+    if missing:
+        raise PeftFormatError(f"{where}: missing tensors {sorted(missing)}")
+    target = config.get("target_modules")
+    if isinstance(target, list) or (isinstance(target, str) and target != "all-linear"):
+        expected = {m for m in _linear_modules(layout) if _peft_matches(config, m)}
+        missing += [f"{PREFIX}{m}.{s}" for m in sorted(expected - set(modules)) for s in suffixes]
+        extra = sorted(set(modules) - expected)
+        if extra:
+            raise PeftFormatError(f"{where}: tensors for modules {extra}, which target_modules {target!r} does not "
+                                  "select in this model")
+    to_save = config.get("modules_to_save") or []
+    saved = {t for t in layout.tensors if any(o.endswith(m) for o in _owners(t) for m in to_save)}
+    missing += [PREFIX + t for t in sorted(saved - set(head))]
+    if config["peft_type"] == "VERA" and config.get("save_projection", True):
+        missing += [k for k in (VERA_A, VERA_B) if k not in projections]
+    if missing:
+        raise PeftFormatError(f"{where}: missing tensors {sorted(missing)}")
+
+
+def _module_paths(where: str, modules, layout: HFLayout) -> dict[str, tuple[str, ...]]:
+    """HF module name -> our module path, refusing fused and unknown modules."""
+    by_hf = _linear_modules(layout)
+    out = {}
+    for name in sorted(modules):
+        if name not in by_hf:
+            known = sorted(by_hf)
+            raise PeftFormatError(
+                f"{where}: module {name} is not a linear layer of this {layout.model_type} model (the hf_config "
+                f"must describe the architecture the adapter was trained on); linear modules: "
+                f"{targets_lib.abbreviate(known)}")
+        (path, p), *_ = by_hf[name]
+        if p.layout == FUSED:
+            parts = [s[-2] for s in p.shared_with]
+            raise PeftFormatError(
+                f"{where}: module {name} is the fused {'/'.join(parts)} projection of this {layout.model_type} model, "
+                f"which vera_jax holds as separate Dense layers {parts}; a PEFT adapter on the fused layer has no "
+                "exact equivalent on them (VeRA: one b over all outputs and one d shared by the parts; LoRA: one "
+                "A shared by the parts). Merge it in PEFT (merge_and_unload) and load the merged checkpoint instead")
+        if p.layout not in (COPY, TRANSPOSE):
+            raise PeftFormatError(f"{where}: module {name} is not a torch Linear / Conv1D of a 2-D kernel here "
+                                  f"({'/'.join(path)})")
+        out[name] = path
+    return out
+
+
+def _head_leaves(where: str, head: dict, params, layout: HFLayout) -> dict[tuple[str, ...], np.ndarray]:
+    out = {}
+    for name, value in head.items():
+        owners = layout.tensors.get(name)
+        if owners is None:
+            raise PeftFormatError(f"{where}: modules_to_save tensor {PREFIX}{name} is not a tensor of this "
+                                  f"{layout.model_type} model")
+        if len(owners) != 1:
+            raise PeftFormatError(f"{where}: modules_to_save tensor {PREFIX}{name} is fused from {owners} here")
+        path = owners[0]
+        like = core.get_path(params, path)
+        try:
+            array = from_hf(value, layout.leaves[path], like, f"{where}: modules_to_save")
+        except ValueError as e:
+            raise PeftFormatError(str(e)) from None
+        out[path] = np.asarray(array, dtype=like.dtype)
+    return out
+
+
+def _find_config(where: str, cls, params, paths: set, fields: dict):
+    """Our config adapting exactly `paths`: by module names (and layer indices) when they select
+    exactly those, else one regex of the full paths."""
+    try:
+        cls(**fields)
+    except ValueError as e:
+        raise PeftFormatError(f"{where}: {CONFIG_FILE} gives an invalid {cls.__name__}: {e}") from None
+    names = tuple(sorted({p[-1] for p in paths}))
+    layers = {targets_lib.layer_index(p, cls.layers_pattern) for p in paths}
+    candidates = [dict(targets=names)]
+    if None not in layers:
+        candidates.append(dict(targets=names, layers_to_transform=tuple(sorted(layers))))
+    for candidate in candidates:
+        config = cls(**fields, **candidate)
+        try:
+            if {s.path for s in targets_lib.find_targets(params, config)} == paths:
+                return config
+        except ValueError:
+            pass
+    return cls(**fields, targets=("(?:" + "|".join(sorted("/".join(p) for p in paths)) + ")",))
+
+
+def _find_extra(params, leaves: set) -> tuple[str, ...]:
+    """trainable_extra patterns selecting exactly the head `leaves` (whole modules, as PEFT saves)."""
+    if not leaves:
+        return ()
+    modules = set()
+    for path in leaves:
+        best = None
+        for k in range(len(path) - 1, 0, -1):
+            node = core.get_path(params, path[:k])
+            if {path[:k] + p for p, _ in _tree_leaves(node)} <= leaves:
+                best = path[:k]
+            else:
+                break
+        if best is None:
+            raise PeftFormatError(f"modules_to_save: {'/'.join(path)} is imported but not the rest of its module")
+        modules.add("/".join(best))
+    names = tuple(sorted(modules))
+    if set(targets_lib.find_extra(params, names)) == leaves:
+        return names
+    return ("(?:" + "|".join(names) + ")",)
+
+
+def _tree_leaves(node, prefix=()):
+    if isinstance(node, Mapping):
+        for key, value in node.items():
+            yield from _tree_leaves(value, prefix + (str(key),))
+    else:
+        yield prefix, node
+
+
+def _check_shape(where: str, name: str, value: np.ndarray, shape: tuple[int, ...]) -> None:
+    if tuple(value.shape) != tuple(shape):
+        raise PeftFormatError(f"{where}: tensor {name} has shape {tuple(value.shape)}, expected {tuple(shape)}")
+
+
+def _projections(where: str, config: dict, stored: dict, given, r: int, in_max: int, out_max: int) -> dict:
+    """PEFT's vera_A / vera_B (or the caller's), cut to the (r, in_max) / (out_max, r) we use."""
+    if stored and given is not None:
+        raise ValueError(f"{where}: the adapter stores vera_A/vera_B; do not pass projections")
+    if not stored and given is None:
+        raise PeftFormatError(
+            f"{where}: save_projection=false, so the file holds no vera_A/vera_B. PEFT redraws them from "
+            f"projection_prng_key={config.get('projection_prng_key', 0)} with PyTorch's generator, which JAX cannot "
+            "reproduce. Pass projections={'A': vera_A, 'B': vera_B} (e.g. PeftModel.from_pretrained(...)"
+            ".base_model.vera_A['default']), or re-save the adapter in PEFT with save_projection=True")
+    if given is not None:
+        if not isinstance(given, Mapping) or set(given) != {"A", "B"}:
+            raise ValueError(f"{where}: projections must be a dict with keys 'A' and 'B'")
+        a, b, name_a, name_b = np.asarray(given["A"]), np.asarray(given["B"]), "projections['A']", "projections['B']"
+    else:
+        a, b, name_a, name_b = stored[VERA_A], stored[VERA_B], VERA_A, VERA_B
+    if a.ndim != 2 or a.shape[0] != r or a.shape[1] < in_max:
+        raise PeftFormatError(f"{where}: {name_a} has shape {a.shape}, expected ({r}, >= {in_max})")
+    if b.ndim != 2 or b.shape[1] != r or b.shape[0] < out_max:
+        raise PeftFormatError(f"{where}: {name_b} has shape {b.shape}, expected (>= {out_max}, {r})")
+    return {"A": jnp.asarray(a[:, :in_max], jnp.float32), "B": jnp.asarray(b[:out_max, :], jnp.float32)}
+
+
+def load_peft_adapter(path: str | os.PathLike, params, hf_config, *, projections: Mapping | None = None) -> Adapted:
+    """Reads a PEFT VeRA or LoRA adapter directory onto `params` (the same base model, in our
+    layout) and returns the `Adapted` tree that computes what PEFT computes.
+
+    `hf_config`: the base model's config.json (dict or path), naming the architecture the adapter
+    was trained on (e.g. RobertaForSequenceClassification when it saves the classifier).
+    `projections`: {"A", "B"} for a VeRA adapter saved with save_projection=false.
+    The returned config has `save_projection=True` (A/B came from PyTorch and cannot be redrawn
+    from a seed) and targets selecting exactly the adapted layers. Raises `PeftFormatError`
+    naming the offending file, field or tensor.
+    """
+    directory = Path(path)
+    where = f"PEFT adapter at {directory}"
+    config = _read_config(directory)
+    _check_features(where, config)
+    tensors = _read_tensors(directory)
+    params = core._plain(params)
+    hf_config = read_hf_config(hf_config)
+    checkpoint = hf_layout(params, hf_config)
+    renames = module_names(hf_config, checkpoint.tensors)
+    modules, head, stored = _split(where, config, tensors)
+    layout = _pick_layout(modules, head, [checkpoint.renamed(renames)] + ([checkpoint] if renames else []))
+    paths = _module_paths(where, modules, layout)
+    _check_complete(where, config, modules, head, stored, layout)
+    kernels = targets_lib.linear_modules(params)
+    specs = {p: targets_lib.LayerSpec(p, kernels[p], 1) for p in paths.values()}
+    head_values = _head_leaves(where, head, params, layout)
+    extra = _find_extra(params, set(head_values))
+    r = config.get("r", DEFAULT_R[config["peft_type"]])
+    if isinstance(r, bool) or not isinstance(r, int) or r < 1:
+        raise PeftFormatError(f"{where}: {CONFIG_FILE} field r={r!r} is not a positive integer")
+
+    adapter: dict = {}
+    if config["peft_type"] == "VERA":
+        for name, module in paths.items():
+            d, b = modules[name]["vera_lambda_d"], modules[name]["vera_lambda_b"]
+            _check_shape(where, f"{PREFIX}{name}.vera_lambda_d", d, (r,))
+            _check_shape(where, f"{PREFIX}{name}.vera_lambda_b", b, (specs[module].out_features,))
+            core.set_path(adapter, module, {"lambda_d": jnp.asarray(d, jnp.float32),
+                                          "lambda_b": jnp.asarray(b, jnp.float32)})
+        fields = dict(r=r, d_initial=config.get("d_initial", 0.1), seed=config.get("projection_prng_key", 0),
+                      dropout=config.get("vera_dropout", 0.0), trainable_extra=extra, save_projection=True)
+        ours = _find_config(where, VeraConfig, params, set(paths.values()), fields)
+        in_max = max(s.in_features for s in specs.values())
+        out_max = max(s.out_features for s in specs.values())
+        proj = _projections(where, config, stored, projections, r, in_max, out_max)
+        fresh = core.apply_vera(params, ours).replace(projections=proj)
+    else:
+        if projections is not None:
+            raise ValueError(f"{where}: projections are only used by VeRA adapters")
+        for name, module in paths.items():
+            a, b = modules[name]["lora_A.weight"], modules[name]["lora_B.weight"]
+            _check_shape(where, f"{PREFIX}{name}.lora_A.weight", a, (r, specs[module].in_features))
+            _check_shape(where, f"{PREFIX}{name}.lora_B.weight", b, (specs[module].out_features, r))
+            core.set_path(adapter, module, {"lora_A": jnp.asarray(a, jnp.float32),
+                                            "lora_B": jnp.asarray(b, jnp.float32)})
+        alpha = config.get("lora_alpha", 8)
+        if config.get("use_rslora", False):
+            alpha = alpha * math.sqrt(r)  # PEFT's rsLoRA scaling alpha / sqrt(r) as our alpha' / r
+        fields = dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), trainable_extra=extra)
+        ours = _find_config(where, LoraConfig, params, set(paths.values()), fields)
+        fresh = core.apply_lora(params, ours)
+    base = jax.tree.map(lambda x: x, fresh.base)
+    for leaf_path, value in head_values.items():
+        core.set_path(base, leaf_path, jnp.asarray(value))
+    return fresh.replace(base=base, adapter=adapter)
+
+
+# ----------------------------------------------------------------------------------------- writing
+
+
+def _module_name(adapted: Adapted, spec, layout: HFLayout) -> tuple[str, bool]:
+    """(HF module name, is a Conv1D) for an adapted layer; refuses layers PEFT cannot hold."""
+    placement = layout.leaves.get(spec.path + ("kernel",))
+    if placement is None or not placement.hf.endswith(".weight"):
+        raise ValueError(f"save_peft_adapter: adapted layer {spec.name} has no linear module in the HF "
+                         f"{layout.model_type} checkpoint")
+    if placement.layout == FUSED:
+        parts = [s[-2] for s in placement.shared_with]
+        raise ValueError(
+            f"save_peft_adapter: adapted layer {spec.name} is part of HF's fused {placement.hf[:-len('.weight')]} "
+            f"({'/'.join(parts)} in one Conv1D); PEFT can only adapt the fused layer as a whole, which cannot "
+            f"express separate adapters on {parts}. Export a merged checkpoint (export_merged) instead, or adapt "
+            "other layers")
+    if placement.layout not in (COPY, TRANSPOSE) or len(spec.kernel_shape) != 2:
+        raise ValueError(f"save_peft_adapter: adapted layer {spec.name} (kernel {spec.kernel_shape}) is not a "
+                         f"torch Linear / Conv1D in HF ({placement.hf})")
+    return placement.hf[: -len(".weight")], placement.layout == COPY
+
+
+def _modules_to_save(adapted: Adapted, layout: HFLayout, adapted_modules: list[str]) -> tuple[list[str], dict]:
+    """PEFT modules_to_save names covering exactly the trained head leaves, and their tensors."""
+    tensors = {}
+    for path in adapted.extra:
+        placement = layout.leaves.get(path)
+        if placement is None:
+            raise ValueError(f"save_peft_adapter: head leaf {'/'.join(path)} has no tensor in the HF checkpoint")
+        tensors[placement.hf] = to_hf(core.get_path(adapted.base, path), placement,
+                                      f"save_peft_adapter: head leaf {'/'.join(path)}")
+    modules = set()
+    for name in tensors:
+        best = None
+        for owner in reversed(_owners(name)):
+            if all(t in tensors for t in layout.tensors_under(owner)):
+                best = owner
+            else:
+                break
+        if best is None:
+            raise ValueError(f"save_peft_adapter: head tensor {name} shares its HF module with untrained tensors; "
+                             "PEFT's modules_to_save saves whole modules")
+        modules.add(best)
+    for m in modules:
+        clash = [a for a in adapted_modules if a == m or a.startswith(m + ".")]
+        if clash:
+            raise ValueError(f"save_peft_adapter: adapted layers {clash} lie inside the trained head {m}; PEFT "
+                             "never adapts a modules_to_save module")
+        for other in layout.module_names():
+            if other.endswith(m) and not all(t in tensors for t in layout.tensors_under(other)):
+                raise ValueError(f"save_peft_adapter: modules_to_save name {m!r} would also select {other}")
+    return sorted(modules), tensors
+
+
+def _write(directory: Path, config: dict, tensors: dict) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / TENSORS_FILE),
+              metadata={"format": "pt"})
+    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    return directory
+
+
+def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
+                      base_model_name_or_path: str | None = None) -> Path:
+    """Writes `adapted` (VeRA or LoRA) as a PEFT adapter directory for the HF model `hf_config`
+    describes, which `PeftModel.from_pretrained(hf_model, path)` loads to the same outputs.
+
+    VeRA is written with `save_projection: true` (A and B stored: PEFT cannot redraw JAX's
+    projections) and needs shared projections; trained head leaves (trainable_extra) become
+    `modules_to_save`. Raises ValueError for what PEFT cannot hold (GPT-2's fused c_attn parts,
+    unshared projections, head leaves that are part of a module with untrained tensors).
+    """
+    if not isinstance(adapted, Adapted):
+        raise TypeError(f"save_peft_adapter: expected an Adapted tree, got {type(adapted).__name__}")
+    if adapted.method not in ("vera", "lora"):
+        raise ValueError(f"save_peft_adapter: method {adapted.method!r} is not a PEFT adapter (VeRA or LoRA); "
+                         "export a merged checkpoint with export_merged instead")
+    c = adapted.config
+    if adapted.method == "vera" and not c.share_projections:
+        raise ValueError("save_peft_adapter: VeraConfig.share_projections=False gives each layer its own A/B; "
+                         "PEFT's VeRA shares one pair")
+    hf_config = read_hf_config(hf_config)
+    layout = hf_layout(adapted.base, hf_config, names="modules")
+    names = {spec.path: _module_name(adapted, spec, layout) for spec in adapted.layers}
+    modules_to_save, head = _modules_to_save(adapted, layout, [n for n, _ in names.values()])
+    conv1d = {conv for _, conv in names.values()}
+    tensors = {PREFIX + k: v for k, v in head.items()}
+    common: dict[str, Any] = {
+        "target_modules": sorted(n for n, _ in names.values()),
+        "modules_to_save": modules_to_save or None,
+        "fan_in_fan_out": conv1d == {True},
+        "bias": "none",
+        "layers_to_transform": None,
+        "layers_pattern": None,
+        "task_type": None,
+        "inference_mode": True,
+        "base_model_name_or_path": base_model_name_or_path,
+        "revision": None,
+    }
+    for spec in adapted.layers:
+        vec = {k: np.asarray(jax.device_get(v), np.float32)
+               for k, v in core.get_path(adapted.adapter, spec.path).items()}
+        name = PREFIX + names[spec.path][0]
+        if adapted.method == "vera":
+            tensors[f"{name}.vera_lambda_d"], tensors[f"{name}.vera_lambda_b"] = vec["lambda_d"], vec["lambda_b"]
+        else:
+            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = vec["lora_A"], vec["lora_B"]
+    if adapted.method == "vera":
+        tensors[VERA_A] = np.asarray(jax.device_get(adapted.projections["A"]), np.float32)
+        tensors[VERA_B] = np.asarray(jax.device_get(adapted.projections["B"]), np.float32)
+        config = {"peft_type": "VERA", "r": c.r, "projection_prng_key": c.seed, "save_projection": True,
+                  "vera_dropout": c.dropout, "d_initial": c.d_initial, "init_weights": True, **common}
+    else:
+        alpha = int(c.alpha) if float(c.alpha).is_integer() else c.alpha
+        config = {"peft_type": "LORA", "r": c.r, "lora_alpha": alpha, "lora_dropout": c.dropout,
+                  "use_rslora": False, "use_dora": False, "init_lora_weights": True, "rank_pattern": {},
+                  "alpha_pattern": {}, **common}
+    return _write(Path(path), config, tensors)
