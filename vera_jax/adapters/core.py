@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from ..tree import get_path, set_path
 from . import targets as targets_lib
 from .config import FullConfig, HeadConfig, LoraConfig, VeraConfig
 from .projections import PRNG_IMPL, make_layer_projections, make_projections
@@ -53,18 +54,6 @@ def _plain(params: Params) -> dict:
     if not isinstance(params, Mapping):
         raise TypeError(f"params: expected a Flax params dict, got {type(params).__name__}")
     return flax.core.unfreeze(nn.meta.unbox(params))
-
-
-def get_path(tree: Mapping, path: tuple[str, ...]):
-    for key in path:
-        tree = tree[key]
-    return tree
-
-
-def set_path(tree: dict, path: tuple[str, ...], value) -> None:
-    for key in path[:-1]:
-        tree = tree.setdefault(key, {})
-    tree[path[-1]] = value
 
 
 def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:

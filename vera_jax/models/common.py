@@ -22,6 +22,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vera_jax.tree import get_path, set_path
+
 Dtype = Any
 
 ACTIVATIONS: dict[str, Callable] = {
@@ -202,18 +204,6 @@ def init_subtrees(module: nn.Module, inputs: Sequence[Any], names: Iterable[str]
     return jax.tree.map(np.asarray, init(jax.random.key(seed)))
 
 
-def _get(tree: dict, path: tuple[str, ...]):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree: dict, path: tuple[str, ...], value) -> None:
-    for p in path[:-1]:
-        tree = tree.setdefault(p, {})
-    tree[path[-1]] = value
-
-
 def params_from_entries(
     tensors: dict[str, np.ndarray],
     entries: Sequence[Entry],
@@ -256,7 +246,7 @@ def params_from_entries(
             misshapen.append(f"{e.hf}: checkpoint {tuple(tensors[e.hf].shape)}, model expects {want} "
                              f"after {e.kind!r} layout change ({'/'.join(e.path)})")
             continue
-        _set(params, e.path, value)
+        set_path(params, e.path, value)
     unexpected = sorted(k for k in tensors if k not in used and not any(re.search(p, k) for p in ignore))
     if missing or unexpected or misshapen:
         parts = []
@@ -276,7 +266,7 @@ def params_to_entries(params: dict, entries: Sequence[Entry], shape_info: dict[s
     """Inverse of `params_from_entries`: our param tree -> {HF name: np.ndarray}."""
     shape_info = shape_info or {}
     return {
-        e.hf: np.ascontiguousarray(TRANSFORMS[e.kind][1](np.asarray(_get(params, e.path)), shape_info.get(e.kind)))
+        e.hf: np.ascontiguousarray(TRANSFORMS[e.kind][1](np.asarray(get_path(params, e.path)), shape_info.get(e.kind)))
         for e in entries
     }
 
