@@ -1,0 +1,7 @@
+"""MiniLM-L6 on the real RTE files, sized for a 2-core CPU (see glue_common.minilm)."""
+
+from configs import glue_common
+
+
+def get_config(arg=None):
+    return glue_common.minilm("rte", epochs=2, train_limit=1000, arg=arg)
