@@ -30,10 +30,6 @@ from tqdm import tqdm
 
 import vera_jax
 
-_CONFIG = config_flags.DEFINE_config_file("config", str(Path(__file__).parents[1] / "configs" / "expressivity.py"))
-_WORKDIR = flags.DEFINE_string("workdir", "runs/expressivity", "where the CSV, markdown table and plot go")
-
-
 def _target(n: int, seed: int) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (n, n), jnp.float32) / jnp.sqrt(n)
 
@@ -144,12 +140,20 @@ def _write(rows: list[dict], workdir: Path, config) -> None:
     plt.close(fig)
 
 
-def main(argv):
-    del argv
-    rows = run(_CONFIG.value, _WORKDIR.value)
-    print((Path(_WORKDIR.value) / "expressivity.md").read_text())
-    print(f"{len(rows)} fits; wrote {_WORKDIR.value}/expressivity.{{csv,md,json,png}}")
+def main() -> None:
+    """CLI; flags are defined here, not at import, so importing this module (tests, notebooks)
+    does not clash with other experiments' absl flags."""
+    config = config_flags.DEFINE_config_file("config", str(Path(__file__).parents[1] / "configs" / "expressivity.py"))
+    workdir = flags.DEFINE_string("workdir", "runs/expressivity", "where the CSV, markdown table and plot go")
+
+    def run_main(argv):
+        del argv
+        rows = run(config.value, workdir.value)
+        print((Path(workdir.value) / "expressivity.md").read_text())
+        print(f"{len(rows)} fits; wrote {workdir.value}/expressivity.{{csv,md,json,png}}")
+
+    app.run(run_main)
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
