@@ -52,6 +52,15 @@ def num_labels(hf_config: dict) -> int:
     return 2
 
 
+def architecture(hf_config: dict, default: str, known: tuple[str, ...]) -> str:
+    """The HF class a config describes (`architectures[0]`, else `default`), checked against the
+    classes a family builds."""
+    arch = (hf_config.get("architectures") or [default])[0]
+    if arch not in known:
+        raise ValueError(f"architecture {arch!r} is not supported; known: {known}")
+    return arch
+
+
 def dense(
     features: int,
     axes: tuple[str | None, str | None],

@@ -110,11 +110,7 @@ class EncoderConfig:
 def architecture(hf_config: dict) -> str:
     """The HF class this config describes: `architectures[0]`, checked against what we build."""
     default = "RobertaModel" if hf_config["model_type"] == "roberta" else "BertModel"
-    arch = (hf_config.get("architectures") or [default])[0]
-    known = BASE_ARCHITECTURES + tuple(CLASSIFICATION_ARCHITECTURE.values())
-    if arch not in known:
-        raise ValueError(f"architecture {arch!r} is not supported; known: {known}")
-    return arch
+    return common.architecture(hf_config, default, BASE_ARCHITECTURES + tuple(CLASSIFICATION_ARCHITECTURE.values()))
 
 
 class Layer(nn.Module):

@@ -85,11 +85,7 @@ class ViTConfig:
 
 
 def architecture(hf_config: dict) -> str:
-    arch = (hf_config.get("architectures") or ["ViTModel"])[0]
-    known = BASE_ARCHITECTURES + tuple(CLASSIFICATION_ARCHITECTURE.values())
-    if arch not in known:
-        raise ValueError(f"architecture {arch!r} is not supported; known: {known}")
-    return arch
+    return common.architecture(hf_config, "ViTModel", BASE_ARCHITECTURES + tuple(CLASSIFICATION_ARCHITECTURE.values()))
 
 
 class Embeddings(nn.Module):
