@@ -13,6 +13,7 @@ import os
 import signal
 import sys
 import threading
+import time
 
 import flax.linen as nn
 import grain
@@ -108,8 +109,13 @@ def flat(tree) -> dict[str, np.ndarray]:
     return {jax.tree_util.keystr(k): np.asarray(jax.device_get(v)) for k, v in leaves}
 
 
-def signal_after(loads: int, signum: int):
-    """An example map that sends `signum` to this process on the `loads`-th example it loads."""
+def signal_after(loads: int, signum: int, pause: float = 0.0):
+    """An example map that sends `signum` to this process on the `loads`-th example it loads, then
+    holds that load for `pause` seconds. Under jax.distributed the pause gives JAX's preemption sync
+    protocol (notice -> coordination service -> barrier on every process's step) time to agree on a
+    step before this tiny run could end: the agreed step is the fastest process's step + 1, and a run
+    that finishes first ends normally (exit 0), which is right for a job but not what a test of the
+    preemption path wants."""
     lock, count = threading.Lock(), [0]
 
     def on_load(example):
@@ -118,6 +124,7 @@ def signal_after(loads: int, signum: int):
             hit = count[0] == loads
         if hit:
             os.kill(os.getpid(), signum)
+            time.sleep(pause)
         return example
 
     return on_load
@@ -161,10 +168,12 @@ def raise_after(loads: int):
 
 
 def main(args: dict) -> None:
-    """args: workdir, steps, config (dotted field -> value), optional signal + signal_after, or
+    """args: workdir, steps, config (dotted field -> value), optional signal + signal_after
+    (+ pause_after_signal seconds), or
     runs: [{"workdir", "config"}, ...] to train several configs in this process."""
     for one in args.get("runs", [args]):
-        on_load = signal_after(one["signal_after"], getattr(signal, one["signal"])) if "signal" in one else None
+        on_load = (signal_after(one["signal_after"], getattr(signal, one["signal"]), one.get("pause_after_signal", 0.0))
+                   if "signal" in one else None)
         run(one["workdir"], one.get("steps", 6), one.get("config", {}), on_load)
 
 

@@ -152,7 +152,7 @@ def test_two_processes_with_sigterm_on_one_then_resume_match_one_process(referen
                 "distributed.enabled": True, "distributed.coordinator_address": f"localhost:{port}",
                 "distributed.num_processes": 2, "distributed.process_id": i}}
             if signal_on_1 and i == 1:
-                args.update(signal="SIGTERM", signal_after=14)
+                args.update(signal="SIGTERM", signal_after=14, pause_after_signal=5.0)
             procs.append(child(args))
         return [finish(p, timeout=180) for p in procs]
 
