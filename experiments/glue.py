@@ -179,7 +179,7 @@ def build(config):
     loss_fn, eval_fn, metrics_fn = make_fns(model, task)
     train_task = train_lib.Task(adapted=adapted, loss_fn=loss_fn, train_data=train, eval_data=dev, eval_fn=eval_fn,
                                 metrics_fn=metrics_fn, param_axes=nn.get_partition_spec(boxed)["params"],
-                                name=f"{task.name}-{config.method}")
+                                name=f"{task.name}-{config.method}", steps_per_epoch=per_epoch)
     info = {
         "task": task.name, "method": config.method, "checkpoint": config.model.checkpoint, "seed": config.seed,
         "train_examples": len(train_split), "dev_examples": len(dev_split), "train_source": train_split.source,
@@ -223,20 +223,7 @@ def train_and_evaluate(config, workdir: str) -> dict:
     if jax.process_index() == 0:
         with open(os.path.join(workdir, "glue_summary.json"), "w") as f:
             json.dump(summary, f, indent=2)
-        _add_epochs(os.path.join(workdir, "summary.json"), summary)
     return summary
-
-
-def _add_epochs(path: str, summary: dict) -> None:
-    """Fills the epochs the trainer leaves out of its summary.json for a grain.IterDataset train
-    stream (it cannot know the epoch length), so tools reading it (experiments.sweep) see them."""
-    with open(path) as f:
-        trainer_summary = json.load(f)
-    trainer_summary["epochs"] = summary["epochs"]
-    trainer_summary["best"]["epoch"] = summary["best"]["epoch"]
-    with open(path + ".tmp", "w") as f:
-        json.dump(trainer_summary, f, indent=2, sort_keys=True, default=str)
-    os.replace(path + ".tmp", path)
 
 
 FLAGS = flags.FLAGS

@@ -5,6 +5,7 @@ and non-finite losses."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import os
@@ -287,3 +288,23 @@ def test_adapter_dropout_on_the_merged_path_is_refused(tmp_path):
     task.adapted = task.adapted.replace(config=task.adapted.config.replace(dropout=0.1))
     with pytest.raises(ValueError, match="adapter_path='factored'"):
         vtrain.train_and_evaluate(tiny.tiny_config(1), str(tmp_path), task)
+
+
+def test_iter_dataset_with_steps_per_epoch_counts_epochs(tmp_path):
+    """An IterDataset task that says its epoch length gets num_epochs, per-epoch evals and epochs in
+    metrics and summary, like a MapDataset task; steps_per_epoch on a MapDataset is refused."""
+    config = tiny.override(tiny.tiny_config(-1), {"num_epochs": 1.5, "eval_every_steps": 0})
+    task = dataclasses.replace(tiny.make_task(iter_data=True), steps_per_epoch=4)
+    result = vtrain.train_and_evaluate(config, str(tmp_path), task)
+    evals = [m for m in jsonl(tmp_path) if "eval/accuracy" in m]
+    assert [(m["step"], m["epoch"]) for m in evals] == [(4, 1.0), (6, 1.5)]
+    assert result.summary["epochs"] == 1.5 and result.summary["best"]["epoch"] in (1.0, 1.5)
+
+    with pytest.raises(ValueError, match="num_train_steps: must be > 0 .* no steps_per_epoch"):
+        vtrain.train_and_evaluate(config, str(tmp_path / "none"), tiny.make_task(iter_data=True))
+    for bad, match in ((0, "must be an int >= 1"), (2.5, "must be an int >= 1")):
+        with pytest.raises(ValueError, match=f"task.steps_per_epoch: {match}"):
+            vtrain.train_and_evaluate(config, str(tmp_path / "bad"),
+                                      dataclasses.replace(tiny.make_task(iter_data=True), steps_per_epoch=bad))
+    with pytest.raises(ValueError, match="task.steps_per_epoch: only for an IterDataset .* has 8 steps per epoch"):
+        vtrain.train_and_evaluate(config, str(tmp_path / "map"), dataclasses.replace(tiny.make_task(), steps_per_epoch=8))

@@ -77,6 +77,10 @@ class Task:
     metrics_fn(outputs) -> dict of floats, on the concatenated eval_fn outputs of the eval set.
     param_axes: logical axis names of adapted.base (nn.get_partition_spec of the boxed params from
         model.init); None replicates every param.
+    steps_per_epoch: global steps per pass over the data, for an IterDataset train_data (the
+        trainer counts it itself for a MapDataset, and then this must be None). With it, epochs
+        work as for a MapDataset: num_epochs sets the step count when num_train_steps is -1,
+        eval_every_steps=0 evaluates once per epoch, and metrics and the summary carry epochs.
     """
 
     adapted: vera_jax.Adapted
@@ -87,6 +91,7 @@ class Task:
     metrics_fn: Optional[Callable] = None
     param_axes: Any = None
     name: str = "task"
+    steps_per_epoch: Optional[int] = None
 
 
 @dataclasses.dataclass
@@ -123,8 +128,22 @@ def _total_steps(config, per_epoch: Optional[int]) -> int:
     if config.num_train_steps > 0:
         return int(config.num_train_steps)
     if per_epoch is None:
-        raise ValueError("num_train_steps: must be > 0 when train_data is a grain.IterDataset")
+        raise ValueError("num_train_steps: must be > 0 when train_data is a grain.IterDataset "
+                         "and the task gives no steps_per_epoch")
     return max(1, int(math.ceil(config.num_epochs * per_epoch)))
+
+
+def _steps_per_epoch(task: Task, global_batch: int) -> Optional[int]:
+    counted = data_lib.steps_per_epoch(task.train_data, global_batch)
+    given = task.steps_per_epoch
+    if given is None:
+        return counted
+    if counted is not None:
+        raise ValueError(f"task.steps_per_epoch: only for an IterDataset train_data; this MapDataset "
+                         f"has {counted} steps per epoch at batch_size {global_batch}, leave it None")
+    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+        raise ValueError(f"task.steps_per_epoch: must be an int >= 1 or None, got {given!r}")
+    return given
 
 
 def _validate(config, task: Task) -> None:
@@ -258,7 +277,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
     trainable = mesh_lib.put(trainable, trainable_sh)
     frozen = mesh_lib.put(frozen, frozen_sh)
 
-    per_epoch = data_lib.steps_per_epoch(task.train_data, config.batch_size)
+    per_epoch = _steps_per_epoch(task, config.batch_size)
     total = _total_steps(config, per_epoch)
     labels = vera_jax.optax_labels(adapted)
     tx, schedules = make_optimizer(config.optimizer, labels, total)
