@@ -230,7 +230,7 @@ def test_roberta_configs_carry_the_paper_settings(size):
             ("lora", 3, 8, 8, ("query", "value"))
 
 
-@pytest.mark.parametrize("task", ["rte", "mrpc", "stsb", "cola"])
+@pytest.mark.parametrize("task", ["rte", "mrpc", "stsb", "cola", "sst2"])
 def test_minilm_configs_point_at_the_packaged_checkpoint(task):
     import importlib
 
