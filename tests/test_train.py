@@ -294,7 +294,7 @@ def test_iter_dataset_with_steps_per_epoch_counts_epochs(tmp_path):
     """An IterDataset task that says its epoch length gets num_epochs, per-epoch evals and epochs in
     metrics and summary, like a MapDataset task; steps_per_epoch on a MapDataset is refused."""
     config = tiny.override(tiny.tiny_config(-1), {"num_epochs": 1.5, "eval_every_steps": 0})
-    task = dataclasses.replace(tiny.make_task(iter_data=True), steps_per_epoch=4)
+    task = dataclasses.replace(tiny.make_task(iter_data=True), steps_per_epoch=np.int64(4))
     result = vtrain.train_and_evaluate(config, str(tmp_path), task)
     evals = [m for m in jsonl(tmp_path) if "eval/accuracy" in m]
     assert [(m["step"], m["epoch"]) for m in evals] == [(4, 1.0), (6, 1.5)]

@@ -141,9 +141,9 @@ def _steps_per_epoch(task: Task, global_batch: int) -> Optional[int]:
     if counted is not None:
         raise ValueError(f"task.steps_per_epoch: only for an IterDataset train_data; this MapDataset "
                          f"has {counted} steps per epoch at batch_size {global_batch}, leave it None")
-    if isinstance(given, bool) or not isinstance(given, int) or given < 1:
+    if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
         raise ValueError(f"task.steps_per_epoch: must be an int >= 1 or None, got {given!r}")
-    return given
+    return int(given)
 
 
 def _validate(config, task: Task) -> None:
