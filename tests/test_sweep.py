@@ -133,6 +133,10 @@ def test_shipped_sweep_configs_expand(tmp_path):
     sweeps = Path(__file__).parents[1] / "configs" / "sweeps"
     mrpc = sweep.load_sweep(str(sweeps / "minilm_mrpc.py"))
     assert len(sweep.expand(mrpc)) == 6
+    sst2 = sweep.load_sweep(str(sweeps / "minilm_sst2.py"))
+    runs = sweep.expand(sst2)
+    assert len(runs) == (3 + 2 + 1) * 3 and sst2.config == "configs/minilm_sst2.py"
+    assert "--config.lr.vera=0.1" in sweep.command(sst2, runs[6])
     rank = sweep.load_sweep(f"{sweeps / 'rank_rte.py'}:roberta_large")
     runs = sweep.expand(rank)
     assert len(runs) == (4 + 5) * 5 and rank.config == "configs/roberta_large_rte.py"
