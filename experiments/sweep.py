@@ -6,7 +6,8 @@ A sweep is an ml_collections config (see configs/sweeps/):
     c.module = "experiments.glue"          # each run: python -m <module> --config <config>
     c.config = "configs/minilm_mrpc.py"    #           --workdir <root>/<run> --config.<key>=<value> ...
     c.root = "runs/minilm_mrpc"            # one workdir per run under it
-    c.fixed = {"num_epochs": 3}            # overrides shared by every run
+    c.fixed = {"num_epochs": 3, "data": {"train_limit": 0}}  # overrides shared by every run
+                                           # (nested dicts give dotted keys: data.train_limit)
     c.grid = [{"method": ["vera"], "vera.r": [256, 1024]},   # union of cartesian products
               {"method": ["lora"]}]
     c.seeds = [0, 1, 2]                    # crossed with every grid point (key: c.seed_key)
@@ -85,9 +86,20 @@ def expand(config) -> list[Run]:
     return runs
 
 
+def _dotted(overrides, prefix: str = "") -> dict:
+    """{"data": {"train_limit": 0}} -> {"data.train_limit": 0} (ConfigDict refuses dotted keys)."""
+    out = {}
+    for key, value in dict(overrides).items():
+        if hasattr(value, "items"):
+            out.update(_dotted(value, f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
+
+
 def command(config, run: Run, python: str = sys.executable) -> list[str]:
     args = [python, "-m", config.module, f"--config={config.config}", f"--workdir={run.workdir}"]
-    for key, value in {**dict(config.get("fixed", {})), **run.params}.items():
+    for key, value in {**_dotted(config.get("fixed", {})), **run.params}.items():
         args.append(f"--config.{key}={_format(value)}")
     return args
 

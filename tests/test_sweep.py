@@ -55,6 +55,9 @@ def test_expand_is_the_union_of_products_crossed_with_seeds(tmp_path):
     cmd = sweep.command(c, runs[0], python="python")
     assert cmd == ["python", "-m", "fake_experiment", "--config=configs/whatever.py", f"--workdir={runs[0].workdir}",
                    "--config.num_epochs=2", "--config.method=vera", "--config.r=4", "--config.seed=0"]
+    c.fixed = {"num_epochs": 2, "data": {"train_limit": 0, "dir": "glue"}}
+    assert sorted(sweep.command(c, runs[0], python="python")[5:8]) == [
+        "--config.data.dir=glue", "--config.data.train_limit=0", "--config.num_epochs=2"]
 
 
 def test_run_skips_finished_records_failures_and_resumes(tmp_path, fake_module):
@@ -137,6 +140,8 @@ def test_shipped_sweep_configs_expand(tmp_path):
     runs = sweep.expand(sst2)
     assert len(runs) == (3 + 2 + 1) * 3 and sst2.config == "configs/minilm_sst2.py"
     assert "--config.lr.vera=0.1" in sweep.command(sst2, runs[6])
+    full = sweep.load_sweep(str(sweeps / "minilm_mrpc_full.py"))
+    assert len(sweep.expand(full)) == 6 and "--config.data.train_limit=0" in sweep.command(full, sweep.expand(full)[0])
     rank = sweep.load_sweep(f"{sweeps / 'rank_rte.py'}:roberta_large")
     runs = sweep.expand(rank)
     assert len(runs) == (4 + 5) * 5 and rank.config == "configs/roberta_large_rte.py"
