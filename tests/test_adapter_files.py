@@ -13,6 +13,7 @@ import pytest
 from safetensors.numpy import load_file, save_file
 
 import vera_jax
+from vera_jax.adapters.directory import sha256
 
 # Runs in separate interpreters: builds the same base params from a seed, then either trains
 # nothing but writes a perturbed adapter and its logits ("save") or reloads it ("load").
@@ -180,9 +181,7 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path, saved):
     tensors = load_file(d / "adapter_model.safetensors")
     tensors["adapter/layer_9/query/lambda_d"] = tensors.pop("adapter/layer_0/query/lambda_d")
     save_file(tensors, d / "adapter_model.safetensors")
-    from vera_jax.adapters.files import _sha256
-
-    _edit_record(d, lambda r: r.update(tensors_sha256=_sha256(d / "adapter_model.safetensors")))
+    _edit_record(d, lambda r: r.update(tensors_sha256=sha256(d / "adapter_model.safetensors")))
     with pytest.raises(vera_jax.AdapterFileError, match=r"missing tensors \['adapter/layer_0/query/lambda_d'\], unexpected tensors \['adapter/layer_9/query/lambda_d'\]"):
         vera_jax.load_adapter(d, _params())
 

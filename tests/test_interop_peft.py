@@ -332,7 +332,7 @@ def test_malformed_vera_adapter_is_named(vera_dir, config, tensors, match):
 def test_missing_or_corrupt_files(vera_dir):
     directory, params, path = vera_dir
     (directory / "adapter_config.json").write_text("{not json")
-    with pytest.raises(PeftFormatError, match="adapter_config.json is not valid JSON"):
+    with pytest.raises(PeftFormatError, match="adapter_config.json is corrupt: not valid JSON"):
         load_peft_adapter(directory, params, path)
     (directory / "adapter_config.json").unlink()
     with pytest.raises(PeftFormatError, match="adapter_config.json is missing"):
@@ -376,3 +376,18 @@ def test_unshared_projections_and_head_methods_cannot_be_exported(tmp_path, base
         save_peft_adapter(tmp_path, unshared, path)
     with pytest.raises(ValueError, match="method 'head' is not a PEFT adapter.*export_merged"):
         save_peft_adapter(tmp_path, vera_jax.apply_head(params), path)
+
+
+def test_failed_write_leaves_no_partial_directory(tmp_path, base, monkeypatch):
+    path, _, params = base("roberta")
+    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=8, targets=("query",)))
+
+    def crash(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"partial")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(vera_jax.adapters.directory, "save_file", crash)
+    with pytest.raises(OSError, match="disk full"):
+        save_peft_adapter(tmp_path / "out", adapted, path)
+    assert list(tmp_path.iterdir()) == []

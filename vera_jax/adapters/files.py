@@ -14,26 +14,20 @@ tensors) raises `AdapterFileError` before anything is returned.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
-import tempfile
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from . import core
+from . import directory as adapter_dir
 from .config import CONFIG_CLASSES
 from .core import Adapted
 from .projections import PRNG_IMPL, fingerprint, flat_names
 from .split import HEAD, optax_labels, partition
 
-CONFIG_FILE = "adapter_config.json"
-TENSORS_FILE = "adapter_model.safetensors"
 FORMAT = "vera_jax.adapter"
 FORMAT_VERSION = 1
 
@@ -44,25 +38,6 @@ class AdapterFileError(ValueError):
 
 def _tensor_name(prefix: str, path: tuple[str, ...]) -> str:
     return "/".join((prefix,) + tuple(path))
-
-
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
-
-
-def _atomic_write(dest: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def _to_numpy(x) -> tuple[np.ndarray, str]:
@@ -94,12 +69,10 @@ def _layer_records(adapted: Adapted) -> list[dict]:
 
 
 def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
-    """Writes the trained leaves of `adapted` to the directory `path` (created if needed);
-    each file is replaced atomically. Returns the directory."""
+    """Writes the trained leaves of `adapted` to the directory `path`, atomically (a failure
+    leaves no partial adapter; see `directory.write`). Returns the directory."""
     if not isinstance(adapted, Adapted):
         raise TypeError(f"save_adapter: expected an Adapted tree, got {type(adapted).__name__}")
-    directory = Path(path)
-    directory.mkdir(parents=True, exist_ok=True)
     tensors, dtypes = {}, {}
     for name, (_, _, value) in _trained_leaves(adapted).items():
         tensors[name], dtypes[name] = _to_numpy(value)
@@ -123,39 +96,21 @@ def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
         if adapted.config.save_projection:
             for k, v in flat_names(adapted.projections).items():
                 tensors[f"projections/{k}"], dtypes[f"projections/{k}"] = _to_numpy(v)
-    _atomic_write(directory / TENSORS_FILE, lambda tmp: save_file(tensors, tmp, metadata={"format": FORMAT}))
-    record["tensors_sha256"] = _sha256(directory / TENSORS_FILE)
-    _atomic_write(directory / CONFIG_FILE, lambda tmp: Path(tmp).write_text(json.dumps(record, indent=2) + "\n"))
-    return directory
+    return adapter_dir.write(Path(path), tensors,
+                             lambda written: {**record, "tensors_sha256": adapter_dir.sha256(written)},
+                             metadata={"format": FORMAT})
 
 
 def _read_record(directory: Path) -> dict:
-    config_path = directory / CONFIG_FILE
-    if not config_path.is_file():
-        raise AdapterFileError(f"no adapter at {directory}: {CONFIG_FILE} is missing")
-    try:
-        record = json.loads(config_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise AdapterFileError(f"{config_path} is corrupt: {e}") from None
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
+    record = adapter_dir.read_config(directory, AdapterFileError, "adapter")
+    config_path = directory / adapter_dir.CONFIG_FILE
+    if record.get("format") != FORMAT:
         raise AdapterFileError(f"{config_path} is not a vera_jax adapter (format != {FORMAT!r})")
     if record.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(f"{config_path}: format_version {record.get('format_version')!r}, this library reads {FORMAT_VERSION}")
     if record.get("method") not in CONFIG_CLASSES:
         raise AdapterFileError(f"{config_path}: unknown method {record.get('method')!r}; known: {sorted(CONFIG_CLASSES)}")
     return record
-
-
-def _read_tensors(directory: Path, record: dict) -> dict[str, np.ndarray]:
-    tensors_path = directory / TENSORS_FILE
-    if not tensors_path.is_file():
-        raise AdapterFileError(f"adapter at {directory}: {TENSORS_FILE} is missing")
-    if _sha256(tensors_path) != record.get("tensors_sha256"):
-        raise AdapterFileError(f"{tensors_path} is corrupt or was not written by this {CONFIG_FILE} (SHA-256 differs)")
-    try:
-        return load_file(tensors_path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise AdapterFileError(f"{tensors_path} is corrupt: {e}") from None
 
 
 def _build(params, method: str, config) -> Adapted:
@@ -189,7 +144,8 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
     if record.get("head", []) != ["/".join(p) for p in fresh.extra]:
         raise AdapterFileError(f"adapter at {directory}: head leaves {record.get('head')} do not match the params' {['/'.join(p) for p in fresh.extra]}")
 
-    tensors = _read_tensors(directory, record)
+    tensors = adapter_dir.read_tensors(directory, AdapterFileError, "adapter",
+                                       expected_sha256=record.get("tensors_sha256", ""))
     projections = fresh.projections
     stored_projections = set()
     if method == "vera":

@@ -29,7 +29,6 @@ here (DoRA, trained biases, per-module ranks, initialisations that rewrite the b
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import re
@@ -39,20 +38,17 @@ from typing import Any, Mapping
 import jax
 import jax.numpy as jnp
 import numpy as np
-from safetensors import SafetensorError
-from safetensors.numpy import load_file, save_file
 
 from vera_jax.adapters import core
+from vera_jax.adapters import directory as adapter_dir
 from vera_jax.adapters import targets as targets_lib
 from vera_jax.adapters.config import LoraConfig, VeraConfig
 from vera_jax.adapters.core import Adapted
+from vera_jax.adapters.directory import CONFIG_FILE, TENSORS_FILE
 from vera_jax.adapters.files import AdapterFileError
 from vera_jax.interop.layout import (
     COPY, FUSED, TRANSPOSE, HFLayout, from_hf, hf_layout, module_names, read_hf_config, to_hf)
 
-CONFIG_FILE = "adapter_config.json"
-TENSORS_FILE = "adapter_model.safetensors"
-PICKLE_FILES = ("adapter_model.bin", "adapter_model.pt", "adapter_model.pth")
 PREFIX = "base_model.model."
 VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
 SUFFIXES = {"VERA": ("vera_lambda_d", "vera_lambda_b"), "LORA": ("lora_A.weight", "lora_B.weight")}
@@ -70,36 +66,12 @@ class PeftFormatError(AdapterFileError):
 
 
 def _read_config(directory: Path) -> dict:
-    path = directory / CONFIG_FILE
-    if not path.is_file():
-        raise PeftFormatError(f"no PEFT adapter at {directory}: {CONFIG_FILE} is missing")
-    try:
-        config = json.loads(path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise PeftFormatError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(config, dict):
-        raise PeftFormatError(f"{path}: expected a JSON object")
+    config = adapter_dir.read_config(directory, PeftFormatError, "PEFT adapter")
     peft_type = config.get("peft_type")
     if peft_type not in SUFFIXES:
-        raise PeftFormatError(f"{path}: peft_type {peft_type!r} is not supported; supported: {sorted(SUFFIXES)}")
+        raise PeftFormatError(f"{directory / CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
+                              f"supported: {sorted(SUFFIXES)}")
     return config
-
-
-def _read_tensors(directory: Path) -> dict[str, np.ndarray]:
-    path = directory / TENSORS_FILE
-    if not path.is_file():
-        pickled = [f for f in PICKLE_FILES if (directory / f).is_file()]
-        if pickled:
-            raise PeftFormatError(
-                f"{directory / pickled[0]} is a pickle file, which can run arbitrary code when loaded and is "
-                f"never read; convert it to {TENSORS_FILE} first, e.g. in PyTorch: "
-                f"safetensors.torch.save_file(torch.load(path, weights_only=True), '{TENSORS_FILE}'), or "
-                "PeftModel.from_pretrained(model, dir).save_pretrained(out_dir) (PEFT writes safetensors)")
-        raise PeftFormatError(f"PEFT adapter at {directory}: {TENSORS_FILE} is missing")
-    try:
-        return load_file(path)
-    except (SafetensorError, OSError, ValueError) as e:
-        raise PeftFormatError(f"{path} is corrupt: {e}") from None
 
 
 def _refuse(where: str, config: dict, field: str, allowed: tuple, why: str) -> None:
@@ -381,7 +353,7 @@ def load_peft_adapter(path: str | os.PathLike, params, hf_config, *, projections
     where = f"PEFT adapter at {directory}"
     config = _read_config(directory)
     _check_features(where, config)
-    tensors = _read_tensors(directory)
+    tensors = adapter_dir.read_tensors(directory, PeftFormatError, "PEFT adapter")
     params = core._plain(params)
     hf_config = read_hf_config(hf_config)
     checkpoint = hf_layout(params, hf_config)
@@ -488,18 +460,11 @@ def _modules_to_save(adapted: Adapted, layout: HFLayout, adapted_modules: list[s
     return sorted(modules), tensors
 
 
-def _write(directory: Path, config: dict, tensors: dict) -> Path:
-    directory.mkdir(parents=True, exist_ok=True)
-    save_file({k: np.ascontiguousarray(v) for k, v in tensors.items()}, str(directory / TENSORS_FILE),
-              metadata={"format": "pt"})
-    (directory / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    return directory
-
-
 def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
                       base_model_name_or_path: str | None = None) -> Path:
     """Writes `adapted` (VeRA or LoRA) as a PEFT adapter directory for the HF model `hf_config`
     describes, which `PeftModel.from_pretrained(hf_model, path)` loads to the same outputs.
+    The directory is written atomically (a failure leaves no partial adapter).
 
     VeRA is written with `save_projection: true` (A and B stored: PEFT cannot redraw JAX's
     projections) and needs shared projections; trained head leaves (trainable_extra) become
@@ -551,4 +516,4 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
         config = {"peft_type": "LORA", "r": c.r, "lora_alpha": alpha, "lora_dropout": c.dropout,
                   "use_rslora": False, "use_dora": False, "init_lora_weights": True, "rank_pattern": {},
                   "alpha_pattern": {}, **common}
-    return _write(Path(path), config, tensors)
+    return adapter_dir.write(Path(path), tensors, lambda _: config, metadata={"format": "pt"}, sort_keys=True)
