@@ -1,39 +1,45 @@
-"""experiments/benchmark.py on tiny shapes: the JSON record, the table, the PEFT rows and the
-crossover sweep. Timings are never asserted (they depend on the machine's load)."""
+"""experiments/benchmark on tiny shapes: the record, its table, the PEFT rows, the trainer's step
+it times, the crossover sweep and the CLI's flags. Timings are never asserted (they depend on the
+machine's load)."""
 
-import contextlib
-import io
 import json
 
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
 import pytest
+from absl import flags
 
-from experiments import benchmark
+import vera_jax
+from experiments.benchmark import __main__ as cli
+from experiments.benchmark import crossover, report, shapes, steps
+from vera_jax.models import hub
 
-TINY = ["--model", "roberta-base", "--layers", "1", "--hidden", "32", "--batch", "2", "--seq", "16",
-        "--iters", "2", "--warmup", "1", "--vera_r", "16"]
-
-
-def _run(capsys, argv):
-    record = benchmark.main(argv)
-    out = capsys.readouterr().out
-    assert json.loads(out.strip().splitlines()[-1]) == json.loads(json.dumps(record))
-    return record, out
+TINY = dict(model="roberta-base", layers=1, hidden=32, batch=2, seq=16, iters=2, warmup=1, vera_r=16, lora_r=8,
+            dtype="float32")
 
 
 @pytest.fixture(scope="module")
-def with_peft(tmp_path_factory):
-    path = tmp_path_factory.mktemp("bench") / "out.json"
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        record = benchmark.main(TINY + ["--against", "peft", "--json", str(path)])
-    assert json.loads(out.getvalue().strip().splitlines()[-1]) == json.loads(json.dumps(record))
-    return record, out.getvalue(), path
+def with_peft():
+    record = report.benchmark_record(**TINY, methods=list(steps.METHODS), against_peft=True)
+    return record, report.markdown(record)
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """Parses argv as the CLI's flags, runs main, returns stdout; leaves the flags unparsed."""
+    def run(*argv):
+        cli.FLAGS(["benchmark", *argv])
+        cli.main(["benchmark"])
+        return capsys.readouterr().out
+
+    yield run
+    cli.FLAGS.unparse_flags()
 
 
 def test_every_method_has_its_figures_and_ratios_to_the_floor(with_peft):
-    record, _, path = with_peft
-    assert json.loads(path.read_text()) == json.loads(json.dumps(record))
-    assert list(record["methods"]) == list(benchmark.METHODS)
+    record, _ = with_peft
+    assert list(record["methods"]) == list(steps.METHODS)
     for method, r in record["methods"].items():
         assert r["step_ms"] > 0 and r["compile_s"] > 0, method
         assert {"argument", "output", "temp", "alias", "peak_estimate", "device_peak"} <= set(r["memory"]), method
@@ -42,6 +48,7 @@ def test_every_method_has_its_figures_and_ratios_to_the_floor(with_peft):
     assert floor["step_vs_floor"] == floor["compile_vs_floor"] == floor["memory_vs_floor"] == 1.0
     assert floor["trainable"] == 0
     assert (record["shape"]["layers"], record["shape"]["full_layers"], record["shape"]["tokens"]) == (1, 12, 32)
+    assert json.loads(json.dumps(record)) == record
 
 
 def test_trainable_counts_are_adapter_vectors_only(with_peft):
@@ -55,7 +62,7 @@ def test_trainable_counts_are_adapter_vectors_only(with_peft):
 
 
 def test_against_peft_adds_peft_rows_and_ratios(with_peft):
-    record, text, _ = with_peft
+    record, text = with_peft
     peft_rows = record["peft"]
     assert set(peft_rows) == {"peft_floor", "peft_vera", "peft_lora"}
     assert peft_rows["peft_vera"]["trainable"] == record["methods"]["vera_auto"]["trainable"]
@@ -64,51 +71,77 @@ def test_against_peft_adds_peft_rows_and_ratios(with_peft):
         r = record["methods"][method]
         assert r["step_vs_peft"] == pytest.approx(r["step_ms"] / peft_rows["peft_vera"]["step_ms"])
     assert "step_vs_peft" not in record["methods"]["full"]
-    targets = [c["target"] for c in record["checks"]]
-    assert any("PEFT" in t for t in targets) and len(targets) == 4
     for name in ("| floor |", "| vera_auto |", "| full |", "| peft_vera |", "| peft_lora |", "× PEFT", "load average"):
         assert name in text
     assert "1 of 12 layers" in text
 
 
-def test_without_peft_the_table_has_no_peft_column(capsys):
-    record, out = _run(capsys, TINY + ["--methods", "vera_merged", "--model", "llama-small"])
+def test_the_timed_step_is_the_trainers():
+    """One step updates the adapter vectors with the trainer's optimizer and reports its metrics."""
+    cfg = shapes.model_config("roberta-base", layers=1, hidden=32)
+    model = hub.family("roberta").build(cfg)
+    ids, labels = shapes.make_batch(cfg, 2, 8)
+    params = nn.unbox(model.init(jax.random.key(0), ids))["params"]
+    adapted = steps.adapted_for("vera_auto", params, 16, 8)
+    step, state, frozen = steps.trainer_step(model, adapted, "auto", "float32")
+    new, metrics = jax.jit(step)(state, frozen, {"ids": ids, "labels": labels})
+    assert int(new.step) == 1 and {"loss", "grad_norm", "lr/adapter"} <= set(metrics)
+    assert float(metrics["lr/adapter"]) == pytest.approx(steps.LEARNING_RATE)
+    # b starts at zero, so d's first gradient is zero: the first step moves every b
+    before = jax.tree_util.tree_flatten_with_path(state.trainable.adapter)[0]
+    after = jax.tree.leaves(new.trainable.adapter)
+    moved = {jax.tree_util.keystr(p): bool(jnp.any(a != b)) for (p, a), b in zip(before, after)}
+    assert [k for k, v in moved.items() if v] == [k for k in moved if "lambda_b" in k] != []
+    assert vera_jax.count_trainable(adapted) == 2 * (32 + 16)
+
+
+def test_cli_prints_the_json_record_and_writes_it(run_cli, tmp_path):
+    path = tmp_path / "out.json"
+    out = run_cli("--model=llama-small", "--layers=1", "--hidden=32", "--batch=2", "--seq=8", "--iters=1",
+                  "--warmup=0", "--vera_r=16", "--methods=vera_merged", f"--json={path}")
+    record = json.loads(out)
+    assert record == json.loads(path.read_text())
     assert list(record["methods"]) == ["floor", "vera_merged"]
-    assert "peft" not in record and "× PEFT" not in out
-    assert record["shape"]["model"] == "llama-small" and record["machine"]["load_avg"]
+    assert "peft" not in record and record["shape"]["model"] == "llama-small" and record["machine"]["load_avg"]
+    assert set(record) == {"mode", "shape", "methods", "machine"}
 
 
-def test_crossover_rows_hold_measured_and_predicted_paths(capsys):
-    record, out = _run(capsys, ["--crossover", "--hidden", "32", "--crossover_ranks", "4,64",
-                                "--crossover_tokens", "8", "--iters", "1", "--warmup", "0"])
+def test_cli_crossover_rows_hold_measured_and_predicted_paths(run_cli):
+    out = run_cli("--crossover", "--hidden=32", "--crossover_ranks=4,64", "--crossover_tokens=8", "--iters=1",
+                  "--warmup=0", "--format=markdown")
+    assert "| 64 | 8 |" in out and "Cost-model crossover" in out
+    record = crossover.crossover_record("roberta-base", 32, [4, 64], [8], 1, 0, "float32")
     assert [(x["r"], x["tokens"]) for x in record["rows"]] == [(4, 8), (64, 8)]
     for x in record["rows"]:
         assert x["merged_ms"] > 0 and x["factored_ms"] > 0 and x["width"] == 32
         assert x["measured"] in ("merged", "factored")
-        assert x["predicted"] == benchmark.vera_jax.choose_path(x["tokens"], 32, 32, x["r"])
-    assert "| 64 | 8 |" in out and "Cost-model crossover" in out
+        assert x["predicted"] == vera_jax.choose_path(x["tokens"], 32, 32, x["r"])
 
 
 @pytest.mark.parametrize("r", [1, 64, 192, 193, 256, 1024, 4096])
 def test_predicted_crossover_matches_choose_path(r):
-    tokens = benchmark.predicted_crossover_tokens(768, r)
+    tokens = crossover.predicted_crossover_tokens(768, r)
     if tokens is None:
-        assert benchmark.vera_jax.choose_path(10**9, 768, 768, r) == "factored"
+        assert vera_jax.choose_path(10**9, 768, 768, r) == "factored"
     else:
-        assert benchmark.vera_jax.choose_path(tokens, 768, 768, r) == "merged"
-        assert benchmark.vera_jax.choose_path(tokens - 1, 768, 768, r) == "factored"
+        assert vera_jax.choose_path(tokens, 768, 768, r) == "merged"
+        assert vera_jax.choose_path(tokens - 1, 768, 768, r) == "factored"
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["--methods", "floor,dora"], "unknown ['dora']"),
-    (["--batch", "0"], "--batch"),
+    (["--methods=floor,dora"], "unknown ['dora']"),
+    (["--batch=0"], "--batch=0"),
+    (["--crossover_ranks=4,x"], "--crossover_ranks: expected comma-separated positive integers"),
 ])
-def test_bad_flags_are_named(capsys, argv, message):
-    with pytest.raises(SystemExit):
-        benchmark.main(argv)
-    assert message in capsys.readouterr().err
+def test_bad_flags_are_named(argv, message):
+    try:
+        with pytest.raises(flags.IllegalFlagValueError) as e:
+            cli.FLAGS(["benchmark", *argv])
+        assert message in str(e.value)
+    finally:
+        cli.FLAGS.unparse_flags()
 
 
 def test_roberta_sequence_longer_than_positions_is_refused():
-    with pytest.raises(ValueError, match="--seq: 600"):
-        benchmark.make_batch(benchmark.model_config("roberta-base", 1), 1, 600)
+    with pytest.raises(ValueError, match="seq: 600"):
+        shapes.make_batch(shapes.model_config("roberta-base", 1), 1, 600)

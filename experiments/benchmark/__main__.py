@@ -1,0 +1,76 @@
+"""Benchmark CLI: prints the JSON record on one line (or, with --format=markdown, a table) and
+writes it to --json PATH if given.
+
+    python -m experiments.benchmark --model=roberta-base --layers=2 --batch=8 --seq=512
+    python -m experiments.benchmark --model=roberta-base --layers=2 --against=peft --format=markdown
+    python -m experiments.benchmark --crossover --model=roberta-base --crossover_ranks=64,1024
+"""
+
+from __future__ import annotations
+
+import json
+
+from absl import app, flags
+
+from .crossover import crossover_markdown, crossover_record
+from .report import benchmark_record, markdown
+from .shapes import PAPER_RANK
+from .steps import METHODS
+
+FLAGS = flags.FLAGS
+flags.DEFINE_enum("model", "roberta-base", sorted(PAPER_RANK), "model whose shape is benchmarked (random weights)")
+flags.DEFINE_integer("layers", None, "override the depth (the record says how many ran)", lower_bound=1)
+flags.DEFINE_integer("hidden", None, "override the width (MLP and heads follow); for quick checks", lower_bound=8)
+flags.DEFINE_integer("batch", 8, "sequences per step", lower_bound=1)
+flags.DEFINE_integer("seq", 512, "tokens per sequence", lower_bound=1)
+flags.DEFINE_integer("iters", 10, "timed steps (the median is reported)", lower_bound=1)
+flags.DEFINE_integer("warmup", 2, "untimed steps before them", lower_bound=0)
+flags.DEFINE_list("methods", list(METHODS), f"vera_jax methods to run (the floor always runs): {','.join(METHODS)}")
+flags.DEFINE_integer("vera_r", None, "VeRA rank (default: the paper's for the model)", lower_bound=1)
+flags.DEFINE_integer("lora_r", 8, "LoRA rank (alpha = r)", lower_bound=1)
+flags.DEFINE_enum("dtype", "float32", ["float32", "bfloat16"], "weights and compute dtype")
+flags.DEFINE_enum("against", None, ["peft"], "also run HF PEFT (PyTorch) on the same shapes")
+flags.DEFINE_bool("crossover", False, "one-layer merged vs factored sweep instead of the model benchmark")
+flags.DEFINE_list("crossover_ranks", ["16", "64", "256", "1024", "4096"], "VeRA ranks of the crossover sweep")
+flags.DEFINE_list("crossover_tokens", ["64", "256", "1024", "4096", "16384"], "token counts of the crossover sweep")
+flags.DEFINE_enum("format", "json", ["json", "markdown"], "stdout: the JSON record on one line, or a markdown table")
+flags.DEFINE_string("json", None, "also write the JSON record to this file")
+
+
+@flags.validator("methods")
+def _known_methods(methods: list[str]) -> bool:
+    unknown = sorted(set(methods) - set(METHODS))
+    if unknown:
+        raise flags.ValidationError(f"unknown {unknown}; known: {list(METHODS)}")
+    return True
+
+
+@flags.multi_flags_validator(["crossover_ranks", "crossover_tokens"])
+def _positive_ints(values: dict) -> bool:
+    for name, items in values.items():
+        if not all(x.isdigit() and int(x) > 0 for x in items):
+            raise flags.ValidationError(f"--{name}: expected comma-separated positive integers, got {items}")
+    return True
+
+
+def main(argv: list[str]) -> None:
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    if FLAGS.crossover:
+        record = crossover_record(FLAGS.model, FLAGS.hidden, [int(x) for x in FLAGS.crossover_ranks],
+                                  [int(x) for x in FLAGS.crossover_tokens], FLAGS.iters, FLAGS.warmup, FLAGS.dtype)
+        table = crossover_markdown
+    else:
+        record = benchmark_record(FLAGS.model, FLAGS.layers, FLAGS.hidden, FLAGS.batch, FLAGS.seq, FLAGS.iters,
+                                  FLAGS.warmup, FLAGS.methods, FLAGS.vera_r or PAPER_RANK[FLAGS.model],
+                                  FLAGS.lora_r, FLAGS.dtype, FLAGS.against == "peft")
+        table = markdown
+    line = json.dumps(record)
+    if FLAGS.json:
+        with open(FLAGS.json, "w") as f:
+            f.write(line + "\n")
+    print(table(record) if FLAGS.format == "markdown" else line, flush=True)
+
+
+if __name__ == "__main__":
+    app.run(main)
