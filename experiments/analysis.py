@@ -25,8 +25,8 @@ import jax
 import numpy as np
 
 import vera_jax
-from vera_jax.adapters.core import get_path
 from vera_jax.adapters.targets import layer_index
+from vera_jax.tree import get_path, set_path
 
 
 def _by_path(adapted) -> dict[str, vera_jax.LayerSpec]:
@@ -72,7 +72,7 @@ def delta_cosines(vera, lora, seed: int = 0) -> list[dict]:
         random_vectors = {"lambda_d": rng.standard_normal(vera.config.r).astype(np.float32),
                           "lambda_b": rng.standard_normal(spec.out_features).astype(np.float32)}
         tree = jax.tree.map(lambda x: x, vera.adapter)
-        vera_jax.adapters.core.set_path(tree, spec.path, random_vectors)
+        set_path(tree, spec.path, random_vectors)
         random_vera = np.asarray(vera_jax.layer_delta(vera.replace(adapter=tree), spec))
         rows.append({
             "layer": layer_index(spec.path, vera.config.layers_pattern), "module": _module(spec), "path": name,

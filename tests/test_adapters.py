@@ -8,6 +8,7 @@ import optax
 import pytest
 
 import vera_jax
+from vera_jax import tree as tree_lib
 
 
 class Block(nn.Module):
@@ -248,3 +249,24 @@ def test_factored_path_refuses_a_model_that_never_calls_the_layer(tiny):
     other_params = {**params}
     with pytest.raises(ValueError, match="never called"):
         vera_jax.apply_factored(Other(), adapted.replace(base=other_params), jnp.ones((1, 12)))
+
+
+def test_tree_helpers_keep_non_string_keys():
+    tree = {"layers": {0: {"q": {"kernel": 1}}, 1: {"q": {"kernel": 2}}}, "head": 3}
+    flat = tree_lib.flatten(tree)
+    assert list(flat) == [("layers", 0, "q", "kernel"), ("layers", 1, "q", "kernel"), ("head",)]
+    assert tree_lib.unflatten(flat) == tree
+    assert tree_lib.get_path(tree, ("layers", 1, "q")) == {"kernel": 2}
+    tree_lib.set_path(tree, ("layers", 2, "q"), {"kernel": 4})
+    assert tree["layers"][2] == {"q": {"kernel": 4}}
+    assert tree_lib.flat_names(tree) == {"layers/0/q/kernel": 1, "layers/1/q/kernel": 2, "layers/2/q/kernel": 4, "head": 3}
+    assert tree_lib.flatten(5) == {(): 5}
+
+
+def test_integer_keys_are_kept_in_layer_paths_and_matched_as_strings():
+    params = {"layers": {i: {"q": {"kernel": jnp.ones((4, 6))}, "k": {"kernel": jnp.ones((4, 6))}} for i in range(3)}}
+    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=2, targets=("layers/[02]/q",)))
+    assert [s.path for s in adapted.layers] == [("layers", 0, "q"), ("layers", 2, "q")]
+    only = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=2, targets=("q",), layers_to_transform=(1,)))
+    assert [s.name for s in only.layers] == ["layers/1/q"]
+    assert set(vera_jax.merge(only)["layers"]) == {0, 1, 2}

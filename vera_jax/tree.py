@@ -1,18 +1,61 @@
-"""Nested-dict helpers shared by the adapters and the model importers."""
+"""Nested-dict helpers shared by the adapters, the model importers and interop: the one walker
+over params-like trees (mappings of mappings of leaves).
+
+A path is the tuple of keys leading to a node, kept as they are: strings in linen params,
+integers too in flax.nnx params (an `nnx.List` of layers gives keys 0, 1, ...), so `flatten`,
+`get_path` and `set_path` round-trip on any tree. `path_str` joins the keys' `str()` with '/',
+the form targets are matched on and files name tensors by.
+"""
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Any, Hashable, Mapping
+
+Path = tuple[Hashable, ...]
 
 
-def get_path(tree: Mapping, path: tuple[str, ...]):
+def flatten(tree) -> dict[Path, Any]:
+    """{path: leaf} for every leaf (anything not a Mapping), in tree order; empty mappings vanish
+    and a lone leaf is {(): leaf}."""
+    out: dict[Path, Any] = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, path + (key,))
+        else:
+            out[path] = node
+
+    walk(tree, ())
+    return out
+
+
+def unflatten(flat: Mapping[Path, Any]) -> dict:
+    """Inverse of `flatten` (for a tree of plain dicts)."""
+    out: dict = {}
+    for path, leaf in flat.items():
+        set_path(out, path, leaf)
+    return out
+
+
+def flat_names(tree) -> dict[str, Any]:
+    """{path_str(path): leaf}: `flatten` with '/'-joined names (tensor names in files)."""
+    return {path_str(path): leaf for path, leaf in flatten(tree).items()}
+
+
+def path_str(path: Path) -> str:
+    """'/'.join of the keys' str(): `('layers', 0, 'q')` -> 'layers/0/q'."""
+    return "/".join(str(key) for key in path)
+
+
+def get_path(tree: Mapping, path: Path):
     """tree[path[0]][path[1]]..."""
     for key in path:
         tree = tree[key]
     return tree
 
 
-def set_path(tree: dict, path: tuple[str, ...], value) -> None:
+def set_path(tree: dict, path: Path, value) -> None:
     """Sets tree[path[0]]...[path[-1]] = value, creating the dicts on the way."""
     for key in path[:-1]:
         tree = tree.setdefault(key, {})

@@ -10,6 +10,9 @@ it. Never pickle.
 Loading rebuilds A and B from the seed and refuses a fingerprint mismatch; any problem (missing
 or corrupt file, layers or shapes that do not fit the given params, missing or unexpected
 tensors) raises `AdapterFileError` before anything is returned.
+
+Tensor names join the path keys' str() with '/'; loading maps each name back through the keys
+of the params it is loaded onto, so non-string keys (nnx lists' integers) round-trip.
 """
 
 from __future__ import annotations
@@ -21,11 +24,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..tree import flat_names, flatten, get_path, path_str, set_path
 from . import core
 from . import directory as adapter_dir
 from .config import CONFIG_CLASSES
 from .core import Adapted
-from .projections import PRNG_IMPL, fingerprint, flat_names
+from .projections import PRNG_IMPL, fingerprint
 from .split import HEAD, optax_labels, partition
 
 FORMAT = "vera_jax.adapter"
@@ -34,10 +38,6 @@ FORMAT_VERSION = 1
 
 class AdapterFileError(ValueError):
     """An adapter file is missing, corrupt, or does not fit the params it is loaded onto."""
-
-
-def _tensor_name(prefix: str, path: tuple[str, ...]) -> str:
-    return "/".join((prefix,) + tuple(path))
 
 
 def _to_numpy(x) -> tuple[np.ndarray, str]:
@@ -49,7 +49,7 @@ def _to_numpy(x) -> tuple[np.ndarray, str]:
     return np.ascontiguousarray(arr), dtype
 
 
-def _trained_leaves(adapted: Adapted) -> dict[str, tuple[str, tuple[str, ...], object]]:
+def _trained_leaves(adapted: Adapted) -> dict[str, tuple[str, tuple, object]]:
     """Tensor name -> (tree, path, value) for every trained leaf: `adapter/...` for adapter
     vectors, `head/...` for trainable_extra leaves, `base/...` for the rest of a fully
     fine-tuned model. Frozen leaves (e.g. d with train_d=False) are rebuilt, not stored."""
@@ -57,10 +57,11 @@ def _trained_leaves(adapted: Adapted) -> dict[str, tuple[str, tuple[str, ...], o
     labels = optax_labels(adapted)
     out = {}
     for tree in ("adapter", "base"):
-        for key_path, value in jax.tree_util.tree_flatten_with_path(getattr(trainable, tree))[0]:
-            path = tuple(str(k.key) for k in key_path)
-            prefix = tree if tree == "adapter" else ("head" if core.get_path(labels.base, path) == HEAD else "base")
-            out[_tensor_name(prefix, path)] = (tree, path, value)
+        for path, value in flatten(getattr(trainable, tree)).items():
+            if value is None:
+                continue
+            prefix = tree if tree == "adapter" else ("head" if get_path(labels.base, path) == HEAD else "base")
+            out[path_str((prefix,) + path)] = (tree, path, value)
     return out
 
 
@@ -82,7 +83,7 @@ def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
         "method": adapted.method,
         "config": adapted.config.to_dict(),
         "layers": _layer_records(adapted),
-        "head": ["/".join(p) for p in adapted.extra],
+        "head": [path_str(p) for p in adapted.extra],
         "dtypes": dtypes,
         "jax_version": jax.__version__,
     }
@@ -141,8 +142,9 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
         diffs = [f"{p}: adapter {saved.get(p, 'absent')}, params {found.get(p, 'absent')}"
                  for p in sorted(set(saved) | set(found)) if saved.get(p) != found.get(p)]
         raise AdapterFileError(f"adapter at {directory} was trained on other layers or shapes: {'; '.join(diffs) or saved_layers}")
-    if record.get("head", []) != ["/".join(p) for p in fresh.extra]:
-        raise AdapterFileError(f"adapter at {directory}: head leaves {record.get('head')} do not match the params' {['/'.join(p) for p in fresh.extra]}")
+    head = [path_str(p) for p in fresh.extra]
+    if record.get("head", []) != head:
+        raise AdapterFileError(f"adapter at {directory}: head leaves {record.get('head')} do not match the params' {head}")
 
     tensors = adapter_dir.read_tensors(directory, AdapterFileError, "adapter",
                                        expected_sha256=record.get("tensors_sha256", ""))
@@ -155,7 +157,7 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
             if missing:
                 raise AdapterFileError(f"adapter at {directory}: save_projection=True but tensors {missing} are missing")
             projections = jax.tree_util.tree_map_with_path(
-                lambda p, _: jnp.asarray(tensors["projections/" + "/".join(str(k.key) for k in p)]), fresh.projections)
+                lambda p, _: jnp.asarray(tensors["projections/" + path_str(tuple(k.key for k in p))]), fresh.projections)
         if fingerprint(projections) != record["projections"]["fingerprint"]:
             source = "stored A/B" if config.save_projection else (
                 f"A/B rebuilt from seed {config.seed} with jax {jax.__version__} (file written with jax "
@@ -174,5 +176,5 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
     dtypes = record.get("dtypes", {})
     trees = {"adapter": jax.tree.map(lambda x: x, fresh.adapter), "base": jax.tree.map(lambda x: x, fresh.base)}
     for name, (tree, path, _) in expected.items():
-        core.set_path(trees[tree], path, jnp.asarray(tensors[name], dtype=dtypes.get(name, tensors[name].dtype)))
+        set_path(trees[tree], path, jnp.asarray(tensors[name], dtype=dtypes.get(name, tensors[name].dtype)))
     return fresh.replace(base=trees["base"], adapter=trees["adapter"], projections=projections)

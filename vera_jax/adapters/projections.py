@@ -37,6 +37,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ..tree import flat_names, set_path
+
 PRNG_IMPL = "threefry2x32"
 
 
@@ -67,22 +69,8 @@ def make_layer_projections(seed: int, r: int, layers: Sequence, init: str = "kai
     with jax.threefry_partitionable(True):
         key = jax.random.key(seed, impl=PRNG_IMPL)
         for spec in layers:
-            node = out
-            for name in spec.path:
-                node = node.setdefault(name, {})
             layer_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()))
-            node.update(_pair(layer_key, r, spec.in_features, spec.out_features, init))
-    return out
-
-
-def flat_names(tree: Mapping, prefix: tuple[str, ...] = ()) -> dict[str, jax.Array]:
-    """'/'-joined path -> leaf, for a nested dict of arrays."""
-    out = {}
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            out.update(flat_names(value, prefix + (str(key),)))
-        else:
-            out["/".join(prefix + (str(key),))] = value
+            set_path(out, spec.path, _pair(layer_key, r, spec.in_features, spec.out_features, init))
     return out
 
 

@@ -1,8 +1,9 @@
 """Which layers an adapter touches, found on the param tree alone.
 
 A *module* is a dict in the params tree; a *linear module* is one holding a `kernel` leaf with
-two or more axes (nn.Dense, nn.DenseGeneral). Its path is the tuple of dict keys leading to it,
-written '/'-joined in patterns and files (`encoder/layer_0/attention/query`).
+two or more axes (nn.Dense, nn.DenseGeneral, nnx.Linear). Its path is the tuple of dict keys
+leading to it, kept as they are (nnx lists give integer keys) and written as their str()s
+'/'-joined in patterns and files (`encoder/layer_0/attention/query`, `layers/0/q`).
 
 Pattern rule (PEFT's, on '/' instead of '.'): a pattern made only of letters, digits, '_' and
 '/' is a *name*: it matches a path equal to it or ending in '/' + it ("query" matches every
@@ -18,9 +19,11 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable, Mapping, NamedTuple
+from typing import Hashable, Iterable, Mapping, NamedTuple
 
 import numpy as np
+
+from ..tree import flatten, path_str
 
 _NAME = re.compile(r"[A-Za-z0-9_/]+")
 
@@ -28,13 +31,13 @@ _NAME = re.compile(r"[A-Za-z0-9_/]+")
 class LayerSpec(NamedTuple):
     """One adapted linear layer: where it is and its flattened (in, out) shape."""
 
-    path: tuple[str, ...]
+    path: tuple[Hashable, ...]
     kernel_shape: tuple[int, ...]
     in_axes: int
 
     @property
     def name(self) -> str:
-        return "/".join(self.path)
+        return path_str(self.path)
 
     @property
     def in_features(self) -> int:
@@ -51,37 +54,24 @@ def matches(pattern: str, path: str) -> bool:
     return re.fullmatch(pattern, path) is not None
 
 
-def layer_index(path: tuple[str, ...], layer_names: Iterable[str]) -> int | None:
-    """The block index in a path: `layer_3` or `layer/3` (for any name in `layer_names`)."""
+def layer_index(path: tuple[Hashable, ...], layer_names: Iterable[str]) -> int | None:
+    """The block index in a path: `layer_3`, `layer/3` or nnx's `layers/3` with an integer key
+    (for any name in `layer_names`)."""
     names = set(layer_names)
-    for i, part in enumerate(path):
+    parts = [str(part) for part in path]
+    for i, part in enumerate(parts):
         head, _, tail = part.rpartition("_")
         if head in names and tail.isdigit():
             return int(tail)
-        if part.isdigit() and i > 0 and path[i - 1] in names:
+        if part.isdigit() and i > 0 and parts[i - 1] in names:
             return int(part)
     return None
 
 
-def _shape(leaf: Any) -> tuple[int, ...]:
-    return tuple(np.shape(leaf))
-
-
-def linear_modules(params: Mapping) -> dict[tuple[str, ...], tuple[int, ...]]:
+def linear_modules(params: Mapping) -> dict[tuple[Hashable, ...], tuple[int, ...]]:
     """Every linear module's path -> kernel shape, in tree order."""
-    found = {}
-
-    def walk(node, path):
-        if not isinstance(node, Mapping):
-            return
-        kernel = node.get("kernel")
-        if kernel is not None and not isinstance(kernel, Mapping) and len(_shape(kernel)) >= 2:
-            found[path] = _shape(kernel)
-        for key, child in node.items():
-            walk(child, path + (str(key),))
-
-    walk(params, ())
-    return found
+    return {path[:-1]: tuple(np.shape(leaf)) for path, leaf in flatten(params).items()
+            if path and path[-1] == "kernel" and len(np.shape(leaf)) >= 2}
 
 
 def abbreviate(paths: Iterable[str], limit: int = 12) -> str:
@@ -96,7 +86,7 @@ def find_targets(params: Mapping, config) -> tuple[LayerSpec, ...]:
     in_axes_rules = config.kernel_in_axes
     specs = []
     for path, shape in modules.items():
-        name = "/".join(path)
+        name = path_str(path)
         if not any(matches(t, name) for t in config.targets):
             continue
         if config.layers_to_transform is not None:
@@ -113,38 +103,19 @@ def find_targets(params: Mapping, config) -> tuple[LayerSpec, ...]:
         where = "" if config.layers_to_transform is None else f" in layers {list(config.layers_to_transform)}"
         raise ValueError(
             f"{type(config).__name__}.targets: {list(config.targets)} matched no linear module{where}. "
-            f"Linear modules in these params: {abbreviate('/'.join(p) for p in modules) or 'none'}"
+            f"Linear modules in these params: {abbreviate(path_str(p) for p in modules) or 'none'}"
         )
     return tuple(specs)
 
 
-def find_extra(params: Mapping, patterns: tuple[str, ...], field: str = "trainable_extra") -> tuple[tuple[str, ...], ...]:
+def find_extra(params: Mapping, patterns: tuple[str, ...], field: str = "trainable_extra") -> tuple[tuple[Hashable, ...], ...]:
     """Leaf paths under any module matching one of `patterns` (e.g. every leaf of `classifier`)."""
     if not patterns:
         return ()
-    leaves, modules = [], set()
-
-    def walk(node, path, inside):
-        if isinstance(node, Mapping):
-            if path and any(matches(p, "/".join(path)) for p in patterns):
-                inside = True
-                modules.add("/".join(path))
-            for key, child in node.items():
-                walk(child, path + (str(key),), inside)
-        elif inside:
-            leaves.append(path)
-
-    walk(params, (), False)
+    paths = list(flatten(params))
+    modules = list(dict.fromkeys(path[:k] for path in paths for k in range(1, len(path))))
+    chosen = {m for m in modules if any(matches(p, path_str(m)) for p in patterns)}
+    leaves = tuple(path for path in paths if any(path[:k] in chosen for k in range(1, len(path))))
     if not leaves:
-        all_modules = []
-
-        def collect(node, path):
-            if isinstance(node, Mapping):
-                if path:
-                    all_modules.append("/".join(path))
-                for key, child in node.items():
-                    collect(child, path + (str(key),))
-
-        collect(params, ())
-        raise ValueError(f"{field}: {list(patterns)} matched no module. Modules: {abbreviate(all_modules)}")
-    return tuple(leaves)
+        raise ValueError(f"{field}: {list(patterns)} matched no module. Modules: {abbreviate(path_str(m) for m in modules)}")
+    return leaves

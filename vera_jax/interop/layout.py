@@ -32,6 +32,7 @@ import numpy as np
 
 from vera_jax.adapters.core import _plain
 from vera_jax.models import hub
+from vera_jax.tree import flatten, unflatten
 
 COPY, TRANSPOSE, FUSED, OTHER = "copy", "transpose", "fused", "other"
 
@@ -90,14 +91,6 @@ def read_hf_config(hf_config) -> dict:
     return config
 
 
-def _leaves(tree: Mapping, prefix: tuple[str, ...] = ()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, prefix + (str(key),))
-        else:
-            yield prefix + (str(key),), tuple(getattr(value, "shape", np.shape(value)))
-
-
 def module_names(hf_config: dict, checkpoint_names) -> dict[str, str]:
     """Checkpoint tensor name -> the name of that parameter in the PyTorch model transformers
     builds for `hf_config`'s architecture (only names that differ). Empty without torch."""
@@ -137,20 +130,17 @@ def hf_layout(params: Mapping, hf_config, names: str = "checkpoint") -> HFLayout
         raise ValueError(f"names: expected 'checkpoint' or 'modules', got {names!r}")
     hf_config = read_hf_config(hf_config)
     params = _plain(params)
-    paths, starts, markers, tree = [], [], {}, {}
+    paths, starts, markers = [], [], {}
     offset = 0
-    for path, shape in _leaves(params):
+    for path, leaf in flatten(params).items():
+        shape = np.shape(leaf)
         shape = shape[:-1] + (1,) if shape else ()
         size = math.prod(shape)
         markers[path] = np.arange(offset, offset + size, dtype=np.int64).reshape(shape)
-        node = tree
-        for key in path[:-1]:
-            node = node.setdefault(key, {})
-        node[path[-1]] = markers[path]
         paths.append(path)
         starts.append(offset)
         offset += size
-    hf = hub.family(hf_config["model_type"]).params_to_hf(tree, hf_config)
+    hf = hub.family(hf_config["model_type"]).params_to_hf(unflatten(markers), hf_config)
     starts = np.asarray(starts)
     leaves, tensors = {}, {}
     for name, array in hf.items():

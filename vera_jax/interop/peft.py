@@ -48,6 +48,7 @@ from vera_jax.adapters.directory import CONFIG_FILE, TENSORS_FILE
 from vera_jax.adapters.files import AdapterFileError
 from vera_jax.interop.layout import (
     COPY, FUSED, TRANSPOSE, HFLayout, from_hf, hf_layout, module_names, read_hf_config, to_hf)
+from vera_jax.tree import flatten
 
 PREFIX = "base_model.model."
 VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
@@ -289,7 +290,7 @@ def _find_extra(params, leaves: set) -> tuple[str, ...]:
         best = None
         for k in range(len(path) - 1, 0, -1):
             node = core.get_path(params, path[:k])
-            if {path[:k] + p for p, _ in _tree_leaves(node)} <= leaves:
+            if {path[:k] + p for p in flatten(node)} <= leaves:
                 best = path[:k]
             else:
                 break
@@ -300,14 +301,6 @@ def _find_extra(params, leaves: set) -> tuple[str, ...]:
     if set(targets_lib.find_extra(params, names)) == leaves:
         return names
     return ("(?:" + "|".join(names) + ")",)
-
-
-def _tree_leaves(node, prefix=()):
-    if isinstance(node, Mapping):
-        for key, value in node.items():
-            yield from _tree_leaves(value, prefix + (str(key),))
-    else:
-        yield prefix, node
 
 
 def _check_shape(where: str, name: str, value: np.ndarray, shape: tuple[int, ...]) -> None:

@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vera_jax.tree import get_path, set_path
+from vera_jax.tree import flatten, get_path, set_path
 
 Dtype = Any
 
@@ -232,7 +232,7 @@ def params_from_entries(
     """
     fresh = fresh or {}
     shape_info = shape_info or {}
-    flat_shapes = {k: v.shape for k, v in _flatten(shapes).items()}
+    flat_shapes = {k: v.shape for k, v in flatten(shapes).items()}
     covered = {e.path for e in entries}
     if covered != set(flat_shapes):
         raise AssertionError(
@@ -278,16 +278,6 @@ def params_to_entries(params: dict, entries: Sequence[Entry], shape_info: dict[s
         e.hf: np.ascontiguousarray(TRANSFORMS[e.kind][1](np.asarray(get_path(params, e.path)), shape_info.get(e.kind)))
         for e in entries
     }
-
-
-def _flatten(tree: dict, prefix: tuple[str, ...] = ()) -> dict:
-    out = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flatten(v, prefix + (k,)))
-        else:
-            out[prefix + (k,)] = v
-    return out
 
 
 def strip_prefix(tensors: dict[str, np.ndarray], prefix: str) -> dict[str, np.ndarray]:
