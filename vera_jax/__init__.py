@@ -9,6 +9,7 @@
     tx = optax.multi_transform({"adapter": ..., "head": ...}, vera_jax.optax_labels(adapted))
     vera_jax.save_adapter("out/adapter", adapted)
     adapted = vera_jax.load_adapter("out/adapter", params)
+    adapted = vera_jax.apply_vera(nnx_model, config); y = vera_jax.nnx_merge(nnx_model, adapted)(x)  # flax.nnx
 """
 
 from .adapters import (
@@ -36,6 +37,7 @@ from .adapters import (
     load_adapter,
     make_projections,
     merge,
+    nnx_merge,
     optax_labels,
     partition,
     save_adapter,
@@ -49,6 +51,6 @@ __all__ = [
     "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
     "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted", "choose_path", "combine",
     "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
-    "make_projections", "merge", "optax_labels", "partition", "save_adapter",
+    "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
     "PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter",
 ]

@@ -4,6 +4,12 @@
 vectors (one dict per adapted module, mirroring the module paths), the frozen projections and,
 as static data, the config and the adapted layers. `merge(adapted)` folds the adapter into the
 kernels (W0 + delta) and returns plain params for the model's ordinary `apply`.
+
+flax.nnx: `params` may also be an nnx Module (its `nnx.Param` state is taken) or an nnx State.
+The base is then stored as the State's pure dict (`State.to_pure_dict()`: the arrays, without
+the Variable wrappers, keys kept, so an `nnx.List` gives integer keys), and `merge` returns the
+same kind of pure dict, which `nnx.merge(graphdef, merged, *other_states)` and
+`nnx.update(model, merged)` accept as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +20,7 @@ import flax
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
-from flax import struct
+from flax import nnx, struct
 
 from ..tree import get_path, set_path
 from . import targets as targets_lib
@@ -36,6 +42,8 @@ class Adapted:
              with share_projections=False), {} otherwise (frozen).
     config, layers, extra (static): the config, the adapted LayerSpecs, and the base leaf paths
              trained alongside (config.trainable_extra).
+    source (static): "nnx" when attached to flax.nnx params (the factored path cannot see nnx
+             calls), else "linen".
     """
 
     base: Params
@@ -43,7 +51,8 @@ class Adapted:
     projections: dict
     config: Any = struct.field(pytree_node=False)
     layers: tuple[LayerSpec, ...] = struct.field(pytree_node=False)
-    extra: tuple[tuple[str, ...], ...] = struct.field(pytree_node=False)
+    extra: tuple[tuple[Any, ...], ...] = struct.field(pytree_node=False)
+    source: str = struct.field(pytree_node=False, default="linen")
 
     @property
     def method(self) -> str:
@@ -51,9 +60,19 @@ class Adapted:
 
 
 def _plain(params: Params) -> dict:
+    """A plain nested dict of arrays: linen params unboxed and unfrozen; an nnx Module's Param
+    state or an nnx State as its pure dict."""
+    if isinstance(params, nnx.Module):
+        return nnx.state(params, nnx.Param).to_pure_dict()
+    if isinstance(params, nnx.State):
+        return params.to_pure_dict()
     if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a Flax params dict, got {type(params).__name__}")
+        raise TypeError(f"params: expected a Flax params dict, an nnx Module or an nnx State, got {type(params).__name__}")
     return flax.core.unfreeze(nn.meta.unbox(params))
+
+
+def _source(params: Params) -> str:
+    return "nnx" if isinstance(params, (nnx.Module, nnx.State)) else "linen"
 
 
 def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:
@@ -62,7 +81,7 @@ def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:
     config = VeraConfig() if config is None else config
     if not isinstance(config, VeraConfig):
         raise TypeError(f"config: expected a VeraConfig, got {type(config).__name__}")
-    params = _plain(params)
+    params, source = _plain(params), _source(params)
     layers = targets_lib.find_targets(params, config)
     in_max = max(s.in_features for s in layers)
     out_max = max(s.out_features for s in layers)
@@ -77,14 +96,14 @@ def apply_vera(params: Params, config: VeraConfig | None = None) -> Adapted:
     else:
         projections = make_layer_projections(config.seed, config.r, layers, config.projection_init)
     extra = targets_lib.find_extra(params, config.trainable_extra)
-    return Adapted(params, adapter, projections, config, layers, extra)
+    return Adapted(params, adapter, projections, config, layers, extra, source)
 
 
 def apply_lora(params: Params, config: LoraConfig) -> Adapted:
     """Attaches LoRA: A Kaiming-uniform (bound 1/sqrt(in), PEFT's), B = 0."""
     if not isinstance(config, LoraConfig):
         raise TypeError(f"config: expected a LoraConfig, got {type(config).__name__}")
-    params = _plain(params)
+    params, source = _plain(params), _source(params)
     layers = targets_lib.find_targets(params, config)
     key = jax.random.key(config.seed, impl=PRNG_IMPL)
     adapter: dict = {}
@@ -94,21 +113,21 @@ def apply_lora(params: Params, config: LoraConfig) -> Adapted:
             a = jax.random.uniform(jax.random.fold_in(key, i), (config.r, s.in_features), jnp.float32, -bound, bound)
         set_path(adapter, s.path, {"lora_A": a, "lora_B": jnp.zeros((s.out_features, config.r), jnp.float32)})
     extra = targets_lib.find_extra(params, config.trainable_extra)
-    return Adapted(params, adapter, {}, config, layers, extra)
+    return Adapted(params, adapter, {}, config, layers, extra, source)
 
 
 def apply_head(params: Params, trainable_extra=("classifier",)) -> Adapted:
     """No adapter; only the `trainable_extra` modules train (the paper's "head only" baseline)."""
     config = HeadConfig(trainable_extra=trainable_extra)
-    params = _plain(params)
-    return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra))
+    params, source = _plain(params), _source(params)
+    return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra), source)
 
 
 def apply_full(params: Params, trainable_extra=("classifier",)) -> Adapted:
     """Full fine-tuning: all base leaves train; `trainable_extra` ones get the "head" label."""
     config = FullConfig(trainable_extra=trainable_extra)
-    params = _plain(params)
-    return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra))
+    params, source = _plain(params), _source(params)
+    return Adapted(params, {}, {}, config, (), targets_lib.find_extra(params, config.trainable_extra), source)
 
 
 def layer_projections(adapted: Adapted, spec: LayerSpec) -> tuple[jax.Array, jax.Array]:

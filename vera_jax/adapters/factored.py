@@ -12,6 +12,8 @@ sees; a merged layer runs an unbound copy of its own module on W0 + delta.
 The model is not rewritten: `flax.linen.intercept_methods` sees every module call, and the ones
 whose scope path is an adapted layer's param path are handled. The input is the call's first
 argument, flattened over the kernel's input axes (DenseGeneral contracts the trailing axes).
+flax.nnx modules are plain Python calls that the interception never sees, so an adapter
+attached to nnx params runs on the merged path only (asking for another raises).
 """
 
 from __future__ import annotations
@@ -23,7 +25,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from .core import Adapted, get_path, layer_delta, layer_projections, merge
+from ..tree import get_path, path_str
+from .core import Adapted, layer_delta, layer_projections, merge
 from .cost import choose_path
 from .targets import LayerSpec
 
@@ -71,10 +74,17 @@ def call_adapted(
         raise ValueError(f"path: {path!r} is not one of ['auto', 'merged', 'factored']")
     transform = params_transform or (lambda p: p)
     dropout = bool(getattr(adapted.config, "dropout", 0.0)) and dropout_rng is not None
+    if adapted.source == "nnx" and adapted.layers and (path != "merged" or dropout):
+        why = f"path={path!r}" if path != "merged" else "adapter dropout (which needs the factored path)"
+        raise ValueError(
+            f"{why}: this adapter is on flax.nnx params, and the factored and auto paths work by "
+            "flax.linen.intercept_methods, which cannot see nnx module calls. Use path='merged' "
+            "(it works for every model)" + (" and dropout=0 or dropout_rng=None" if dropout else "") + "."
+        )
     if not adapted.layers or (path == "merged" and not dropout):
         return fn(transform(merge(adapted)), *args)
     specs = {spec.path: spec for spec in adapted.layers}
-    seen: set[tuple[str, ...]] = set()
+    seen: set[tuple] = set()
     force_factored = path == "factored" or dropout
 
     def interceptor(next_fun, call_args, call_kwargs, context):
@@ -99,7 +109,7 @@ def call_adapted(
 
     with nn.intercept_methods(interceptor):
         result = fn(transform(adapted.base), *args)
-    missing = sorted("/".join(p) for p in set(specs) - seen)
+    missing = sorted(path_str(p) for p in set(specs) - seen)
     if missing:
         raise ValueError(
             f"path={path!r}: adapted layers never called as a module: {missing}. The factored and "
