@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from vera_jax import LoraConfig, VeraConfig
+from vera_jax.tasks import runner
 from vera_jax.train import default_config
 
 # Per model size: VeRA rank, global batch, max sequence length (paper, Table 8). Large used 32 per
@@ -37,9 +39,8 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = a.method  # vera | lora | full (all weights) | head (classifier only)
     c.network_timeout = 5.0  # seconds to wait for the Hub / tfds hosts before failing with advice
 
-    c.model = ml_collections.ConfigDict()
+    c.model = runner.model_config()  # checkpoint, tokenizer, head, random_init, overrides
     c.model.checkpoint = ""  # Hub id (e.g. roberta-large) or local dir: config.json, *.safetensors, tokenizer
-    c.model.tokenizer = ""  # a tokenizer directory, when the checkpoint has none
     c.model.head = ("classifier",)  # modules trained with lr.head in every method
 
     c.data = ml_collections.ConfigDict()
@@ -53,21 +54,14 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.data.train_limit = 0  # >0: first N training examples only (quick runs)
     c.data.eval_limit = 0  # >0: first N dev examples only
 
-    c.vera = ml_collections.ConfigDict()
-    c.vera.r = 1024  # rank of the shared random A (r, in) and B (out, r)
-    c.vera.targets = ("query", "value")  # adapted modules
-    c.vera.d_initial = 0.1  # initial value of every d vector (b starts at 0)
-    c.vera.dropout = 0.0  # dropout on the adapter input
-
-    c.lora = ml_collections.ConfigDict()
-    c.lora.r = 8  # LoRA baseline: rank
+    # Every VeraConfig / LoraConfig field (see their docstrings) but seed and trainable_extra, which
+    # come from `seed` and `model.head`: e.g. --config.vera.share_projections=False.
+    c.vera = runner.method_config(VeraConfig, r=1024, targets=("query", "value"), d_initial=0.1)
     # LoRA paper, Appendix D: alpha 8. Its released NLU scripts (microsoft/LoRA examples/NLU/*.sh)
     # pass --lora_alpha 16, a known mismatch (microsoft/LoRA issue 37); we follow the paper.
-    c.lora.alpha = 8  # scaling alpha / r
-    c.lora.targets = ("query", "value")
-    c.lora.dropout = 0.0
+    c.lora = runner.method_config(LoraConfig, r=8, alpha=8.0, targets=("query", "value"))
 
-    c.lr = ml_collections.ConfigDict()
+    c.lr = ml_collections.ConfigDict()  # the one place learning rates are set (the runner maps them to groups)
     c.lr.head = 4e-3  # classifier head (paper: its own lr)
     c.lr.vera = 1e-2  # VeRA d and b vectors
     c.lr.lora = 4e-4  # LoRA A and B

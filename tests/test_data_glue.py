@@ -11,6 +11,7 @@ import pytest
 
 from vera_jax import data
 from vera_jax.data import glue as glue_lib
+from vera_jax.train import data as train_data
 
 REAL_GLUE = os.path.join(os.path.dirname(__file__), "..", "..", "shared", "data", "glue")
 VOCAB = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"] + "a b c d e f g h i j the cat dog sat on mat".split()
@@ -128,23 +129,27 @@ def test_tokenize_pairs_gets_segment_ids_and_truncates(tokenizer):
     assert enc["token_type_ids"][1].tolist() == [0, 0, 0] + [1] * 5
 
 
-def ragged(lengths) -> dict:
-    return {"input_ids": [np.arange(5, 5 + n, dtype=np.int32) for n in lengths],
-            "token_type_ids": [np.zeros(n, np.int32) for n in lengths]}
+def ragged(lengths) -> list[dict]:
+    """Examples as the GLUE family makes them, labelled by their index."""
+    return [{"input_ids": np.arange(5, 5 + n, dtype=np.int32), "token_type_ids": np.zeros(n, np.int32),
+             "label": np.int32(i)} for i, n in enumerate(lengths)]
 
 
-def collect(dataset) -> list[dict]:
-    return list(iter(dataset))
+def stream(lengths, *, seed, buckets, pad_id=1, sort_window=0, **kw):
+    """The trainer's (seed, step) iterator over the examples, padded by the GLUE collate."""
+    collate = lambda rows, longest: data.pad_rows(rows, data.bucket_for(longest, buckets), pad_id)  # noqa: E731
+    return train_data.train_iterator(grain.MapDataset.source(ragged(lengths)), seed=seed, shuffle=True,
+                                     threads=1, prefetch=1, collate=collate, lengths=np.asarray(lengths),
+                                     sort_window=sort_window, **kw)
 
 
 def test_train_batches_use_bucket_shapes_and_are_seeded():
     rng = np.random.default_rng(0)
     lengths = rng.integers(2, 60, 40)
-    enc, labels = ragged(lengths), np.arange(40)
     buckets = data.bucket_lengths(64, (16, 32))
     assert buckets == (16, 32, 64)
-    kw = dict(global_batch=8, num_steps=10, shuffle=True, buckets=buckets, pad_id=1, threads=1, prefetch=1)
-    batches = collect(data.train_dataset(enc, labels, seed=3, **kw))
+    kw = dict(global_batch=8, num_steps=10, buckets=buckets)
+    batches = list(stream(lengths, seed=3, **kw))
     assert len(batches) == 10 and {b["input_ids"].shape[1] for b in batches} <= set(buckets)
     for b in batches:
         rows = b["label"]
@@ -153,49 +158,48 @@ def test_train_batches_use_bucket_shapes_and_are_seeded():
         assert np.all(b["input_ids"][b["attention_mask"] == 0] == 1)
     epoch0 = np.concatenate([b["label"] for b in batches[:5]])
     assert len(set(epoch0.tolist())) == 40
-    again = collect(data.train_dataset(enc, labels, seed=3, **kw))
+    again = list(stream(lengths, seed=3, **kw))
     assert all(np.array_equal(x["label"], y["label"]) for x, y in zip(batches, again))
-    other = collect(data.train_dataset(enc, labels, seed=4, **kw))
+    other = list(stream(lengths, seed=4, **kw))
     assert not all(np.array_equal(x["label"], y["label"]) for x, y in zip(batches, other))
     assert not np.array_equal(epoch0, np.concatenate([b["label"] for b in batches[5:]]))
 
 
 def test_sort_window_pads_less_and_still_covers_the_epoch():
     lengths = np.random.default_rng(1).integers(2, 120, 256)
-    enc, buckets = ragged(lengths), data.bucket_lengths(128, (16, 32, 48, 64, 96))
+    buckets = data.bucket_lengths(128, (16, 32, 48, 64, 96))
     kw = dict(global_batch=16, buckets=buckets, seed=0, shuffle=True)
-    assert data.padding_fraction(enc, sort_window=8, **kw) < data.padding_fraction(enc, sort_window=0, **kw) - 0.1
-    order = data.epoch_order(lengths, global_batch=16, epoch=0, seed=0, shuffle=True, sort_window=8)
+    assert data.padding_fraction(lengths, sort_window=8, **kw) < data.padding_fraction(lengths, sort_window=0, **kw) - 0.1
+    order = train_data.epoch_order(256, global_batch=16, epoch=0, seed=0, shuffle=True, lengths=lengths, sort_window=8)
     assert sorted(order.reshape(-1).tolist()) == list(range(256))
+    batches = list(stream(lengths, seed=0, buckets=buckets, sort_window=8, global_batch=16, num_steps=16))
+    np.testing.assert_array_equal(np.stack([b["label"] for b in batches]), order)
 
 
 def test_train_stream_resumes_from_its_iterator_state():
-    enc, labels = ragged(np.arange(3, 27)), np.arange(24)
-    ds = data.train_dataset(enc, labels, global_batch=4, num_steps=12, seed=0, shuffle=True, buckets=(32,),
-                            pad_id=0, threads=1, prefetch=1)
-    it = iter(ds)
+    lengths = np.arange(3, 27)
+    it = stream(lengths, seed=0, buckets=(32,), global_batch=4, num_steps=12)
     for _ in range(5):
         next(it)
     state = it.get_state()
     rest = [b["label"] for b in it]
-    resumed = iter(ds)
+    resumed = stream(lengths, seed=0, buckets=(32,), global_batch=4, num_steps=12)
     resumed.set_state(state)
     assert all(np.array_equal(a, b["label"]) for a, b in zip(rest, resumed, strict=True))
 
 
-def test_eval_examples_share_one_bucket_per_eval_batch_and_cover_the_split():
+def test_eval_batches_share_one_bucket_and_cover_the_split():
     lengths = np.array([90, 3, 40, 5, 70, 8, 12, 2, 99, 15, 33, 64, 7, 4, 6, 9, 11, 3, 80, 50, 20])
-    enc, labels = ragged(lengths), np.arange(21)
-    ds = data.eval_dataset(enc, labels, eval_batch_size=8, buckets=(16, 32, 64, 128), pad_id=0)
-    assert isinstance(ds, grain.MapDataset) and len(ds) == 21
-    examples = [ds[i] for i in range(21)]
-    assert sorted(int(e["label"]) for e in examples) == list(range(21))
-    for b in range(0, 21, 8):
-        shapes = {e["input_ids"].shape for e in examples[b: b + 8]}
-        assert len(shapes) == 1
-        assert shapes.pop()[0] == data.bucket_for(int(max(lengths[e["label"]] for e in examples[b: b + 8])),
-                                                   (16, 32, 64, 128))
-    assert [e["input_ids"].shape[0] for e in examples] == [16] * 8 + [64] * 8 + [128] * 5
+    order = np.argsort(lengths, kind="stable")
+    buckets = (16, 32, 64, 128)
+    examples = ragged(lengths)
+    ds = grain.MapDataset.source([examples[i] for i in order])
+    collate = lambda rows, longest: data.pad_rows(rows, data.bucket_for(longest, buckets), 0)  # noqa: E731
+    batches = list(train_data.eval_batches(ds, 8, 1, collate=collate, lengths=lengths[order]))
+    assert [n for _, n in batches] == [8, 8, 5]
+    assert [b["input_ids"].shape for b, _ in batches] == [(8, 16), (8, 64), (8, 128)]
+    seen = np.concatenate([b["label"][:n] for b, n in batches])
+    assert sorted(seen.tolist()) == list(range(21))
 
 
 def test_bucket_errors_name_the_field():
@@ -204,4 +208,7 @@ def test_bucket_errors_name_the_field():
     with pytest.raises(ValueError, match="longer than the largest bucket 32"):
         data.bucket_for(40, (16, 32))
     with pytest.raises(ValueError, match="3 examples is less than batch_size 4"):
-        data.steps_per_epoch(3, 4)
+        train_data.steps_per_epoch(grain.MapDataset.source([0, 1, 2]), 4)
+    with pytest.raises(ValueError, match="train_lengths: expected one length per example"):
+        train_data.train_iterator(grain.MapDataset.source([0, 1]), global_batch=1, num_steps=1, seed=0,
+                                  shuffle=False, threads=1, prefetch=1, lengths=[1, 2, 3])

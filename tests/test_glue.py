@@ -16,8 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import glue_common
-from experiments import glue
-from vera_jax import data as data_lib
+from vera_jax.tasks import glue, runner
 from vera_jax.models import roberta
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -122,25 +121,24 @@ def test_every_method_trains_and_reports_each_epoch(method, adapter_params, sour
 
     config = tiny_config("rte", bert_dir, glue_dir if source == "tsv" else "", method)
     with tfds.testing.mock_data(num_examples=16):
-        summary = glue.train_and_evaluate(config, str(tmp_path))
+        summary = runner.run(glue.FAMILY, config, str(tmp_path))
     assert summary["train_source"] == (f"{glue_dir}/RTE/train.tsv" if source == "tsv" else "tfds glue/rte[train]")
-    assert summary["steps_per_epoch"] == 2 and summary["steps"] == 4 and summary["epochs"] == 2.0
+    assert summary["steps"] == 4 and summary["epochs"] == 2.0
     assert summary["adapter_params"] == adapter_params
     if method == "full":
         assert summary["trainable_params"] == checkpoint_size(bert_dir) + HEAD
     else:
         assert summary["trainable_params"] == adapter_params + HEAD
-    evals = summary["per_epoch_eval"]
-    assert [e["epoch"] for e in evals] == [1.0, 2.0] and all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
+    evals = summary["evals"]
+    assert [(e["eval"], e["epoch"]) for e in evals] == [("eval", 1.0), ("eval", 2.0)]
+    assert all(0.0 <= e["accuracy"] <= 1.0 for e in evals)
     best = summary["best"]
     assert best["metric"] == "accuracy" and best["value"] == max(e["accuracy"] for e in evals)
     assert best["epoch"] == next(e["epoch"] for e in evals if e["accuracy"] == best["value"])
     assert summary["wall_time_s"] > 0 and summary["dev_examples"] == (6 if source == "tsv" else 16)
-    with open(tmp_path / "glue_summary.json") as f:
-        assert json.load(f)["best"] == best
     with open(tmp_path / "summary.json") as f:
-        trainer_summary = json.load(f)
-    assert (trainer_summary["epochs"], trainer_summary["best"]["epoch"]) == (2.0, best["epoch"])
+        written = json.load(f)
+    assert written["best"] == best and written["evals"] == evals and written["family"] == "glue"
     assert os.path.exists(tmp_path / "adapter" / "adapter_config.json")
     lrs = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert lrs["train/lr/head"] > 0 and ("train/lr/adapter" in lrs) == (method in ("vera", "lora"))
@@ -148,40 +146,67 @@ def test_every_method_trains_and_reports_each_epoch(method, adapter_params, sour
 
 def test_stsb_is_regression_with_mse_on_roberta(roberta_dir, glue_dir, tmp_path):
     config = tiny_config("stsb", roberta_dir, glue_dir, "vera")
-    task, info, _ = glue.build(config)
+    task, info, _ = runner.build(glue.FAMILY, config)
     assert info["adapter_params"] == LAYERS * 2 * (R + HIDDEN)
     assert set(task.adapted.base["classifier"]) == {"dense", "out_proj"}
     assert task.adapted.base["classifier"]["out_proj"]["kernel"].shape == (HIDDEN, 1)
-    summary = glue.train_and_evaluate(tiny_config("stsb", roberta_dir, glue_dir, "vera"), str(tmp_path))
+    summary = runner.run(glue.FAMILY, tiny_config("stsb", roberta_dir, glue_dir, "vera"), str(tmp_path))
     assert summary["best"]["metric"] == "pearson"
-    assert set(summary["per_epoch_eval"][-1]) >= {"pearson", "spearman"}
+    assert set(summary["evals"][-1]) >= {"pearson", "spearman"}
     first = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[0])
     assert "train/accuracy" not in first and first["train/loss"] > 0
 
 
+def first_batch(task, seed: int) -> dict:
+    """The first batch the trainer would draw at `seed`."""
+    from vera_jax.train import data as train_data
+
+    it = train_data.train_iterator(task.train_data, global_batch=8, num_steps=1, seed=seed,
+                                   shuffle=True, threads=1, prefetch=1, collate=task.collate,
+                                   lengths=task.train_lengths, sort_window=task.sort_window)
+    return next(it)
+
+
 def test_seed_draws_the_fresh_classifier_and_the_data_order(bert_dir, glue_dir):
-    a = glue.build(tiny_config("rte", bert_dir, glue_dir))[0]
+    a = runner.build(glue.FAMILY, tiny_config("rte", bert_dir, glue_dir))[0]
     config = tiny_config("rte", bert_dir, glue_dir)
     config.seed = 1
-    b = glue.build(config)[0]
+    b = runner.build(glue.FAMILY, config)[0]
     np.testing.assert_array_equal(a.adapted.base["pooler"]["kernel"], b.adapted.base["pooler"]["kernel"])
     assert not np.allclose(a.adapted.base["classifier"]["kernel"], b.adapted.base["classifier"]["kernel"])
     assert not np.array_equal(a.adapted.projections["A"], b.adapted.projections["A"])
-    first_a, first_b = next(iter(a.train_data)), next(iter(b.train_data))
+    first_a, first_b = first_batch(a, 0), first_batch(b, 1)
     assert not np.array_equal(first_a["input_ids"], first_b["input_ids"])
-    same_seed = glue.build(tiny_config("rte", bert_dir, glue_dir))[0]
-    np.testing.assert_array_equal(first_a["input_ids"], next(iter(same_seed.train_data))["input_ids"])
+    same_seed = runner.build(glue.FAMILY, tiny_config("rte", bert_dir, glue_dir))[0]
+    np.testing.assert_array_equal(first_a["input_ids"], first_batch(same_seed, 0)["input_ids"])
+
+
+def test_every_vera_and_lora_field_reaches_the_adapter(bert_dir, glue_dir):
+    config = tiny_config("rte", bert_dir, glue_dir)
+    config.vera.share_projections, config.vera.layers_to_transform = False, (1,)
+    config.vera.b_initial, config.vera.projection_init, config.vera.train_d = 0.01, "kaiming_normal", False
+    adapted = runner.build(glue.FAMILY, config)[0].adapted
+    cfg = adapted.config
+    assert (cfg.share_projections, cfg.layers_to_transform, cfg.b_initial, cfg.projection_init, cfg.train_d) == \
+        (False, (1,), 0.01, "kaiming_normal", False)
+    assert {k for spec in adapted.layers for k in spec.path if str(k).startswith("layer_")} == {"layer_1"}
+    assert len(adapted.layers) == 2 and cfg.trainable_extra == ("pooler", "classifier")
+    config = tiny_config("rte", bert_dir, glue_dir, "lora")
+    config.lora.targets = ("query", "key", "value")
+    config.lora.layers_to_transform = (0,)
+    adapted = runner.build(glue.FAMILY, config)[0].adapted
+    assert len(adapted.layers) == 3 and adapted.config.seed == config.seed
 
 
 def test_hub_checkpoint_offline_fails_fast_with_advice(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data_lib.glue, "reachable", lambda url, timeout: "name resolution failed")
-    with pytest.raises(glue.CheckpointUnavailableError,
+    monkeypatch.setattr(runner, "reachable", lambda url, timeout: "name resolution failed")
+    with pytest.raises(runner.CheckpointUnavailableError,
                        match=r"'roberta-large' is not a local directory.*name resolution failed.*"
                              r"--config.model.checkpoint=/path/to/roberta-large.*--config.data.dir="):
-        glue.resolve_checkpoint("roberta-large", 5.0)
+        runner.resolve_checkpoint("roberta-large", 5.0, glue.ADVICE)
 
 
 def test_main_job_offline_exits_within_seconds_saying_what_to_do(tmp_path):
@@ -198,10 +223,18 @@ def test_main_job_offline_exits_within_seconds_saying_what_to_do(tmp_path):
 def test_method_and_task_errors_name_the_field(bert_dir, glue_dir):
     config = tiny_config("rte", bert_dir, glue_dir)
     config.method = "adalora"
-    with pytest.raises(ValueError, match="method: expected one of"):
-        glue.build(config)
+    with pytest.raises(runner.ConfigError, match="method: expected one of"):
+        runner.build(glue.FAMILY, config)
     with pytest.raises(ValueError, match="data.task: unknown GLUE task 'mnli'"):
-        glue.build(tiny_config("mnli", bert_dir, glue_dir))
+        runner.build(glue.FAMILY, tiny_config("mnli", bert_dir, glue_dir))
+    config = tiny_config("rte", bert_dir, glue_dir)
+    config.vera.projection_init = "orthogonal"
+    with pytest.raises(runner.ConfigError, match="vera: .*projection_init"):
+        runner.build(glue.FAMILY, config)
+    config = tiny_config("rte", bert_dir, glue_dir)
+    config.optimizer.learning_rates.adapter = 0.1
+    with pytest.raises(runner.ConfigError, match="optimizer.learning_rates: set by the runner from config.lr"):
+        runner.build(glue.FAMILY, config)
     with pytest.raises(ValueError, match="config arg 'rank=4'"):
         glue_common.base_config("rte", "rank=4")
 

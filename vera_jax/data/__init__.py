@@ -1,19 +1,9 @@
-"""Benchmark data pipelines: GLUE from tfds (data_source) or local TSVs, padded into a fixed set of
-batch shapes for the trainer."""
+"""Benchmark data readers (tfds data_source or local files) and bucketed padding for the trainer."""
 
-from .batching import (
-    bucket_for,
-    bucket_lengths,
-    epoch_order,
-    eval_dataset,
-    pad_rows,
-    padding_fraction,
-    steps_per_epoch,
-    train_dataset,
-)
+from .batching import bucket_for, bucket_lengths, pad_rows, padding_fraction
+from .common import DataUnavailableError, reachable
 from .glue import (
     TASKS,
-    DataUnavailableError,
     GlueDataError,
     GlueTask,
     Split,
@@ -27,6 +17,6 @@ from .glue import (
 
 __all__ = [
     "TASKS", "DataUnavailableError", "GlueDataError", "GlueTask", "Split", "bucket_for", "bucket_lengths",
-    "epoch_order", "eval_dataset", "get_task", "load_split", "pad_rows", "padding_fraction", "read_local",
-    "read_tfds", "read_tsv", "steps_per_epoch", "tokenize", "train_dataset",
+    "get_task", "load_split", "pad_rows", "padding_fraction", "reachable", "read_local",
+    "read_tfds", "read_tsv", "tokenize",
 ]

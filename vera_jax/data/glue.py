@@ -11,19 +11,15 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import socket
-import urllib.parse
 from typing import Optional
 
 import numpy as np
 
+from .common import DataUnavailableError, reachable
+
 
 class GlueDataError(ValueError):
     """A GLUE file or split that cannot be read; the message names the file and line."""
-
-
-class DataUnavailableError(RuntimeError):
-    """The data is neither local nor downloadable (no network)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,16 +156,6 @@ def read_tsv(path: str, task: GlueTask) -> Split:
 def read_local(data_dir: str, task: GlueTask, split: str) -> Split:
     """`split` ("train" | "dev") of a local GLUE directory."""
     return read_tsv(os.path.join(data_dir, task.dir_name, f"{split}.tsv"), task)
-
-
-def reachable(url: str, timeout: float) -> Optional[str]:
-    """None when a TCP connection to the URL's host opens within `timeout`, else the reason."""
-    host = urllib.parse.urlparse(url).hostname
-    try:
-        socket.create_connection((host, 443), timeout=timeout).close()
-        return None
-    except OSError as e:
-        return f"{host}: {e}"
 
 
 def _text(value) -> str:

@@ -11,6 +11,7 @@ from .mesh import initialize_distributed, make_mesh, param_shardings
 from .optim import make_optimizer, make_schedule
 from .trainer import (
     PREEMPTED_EXIT_CODE,
+    Eval,
     NonFiniteLossError,
     Preempted,
     Task,
@@ -21,7 +22,7 @@ from .trainer import (
 )
 
 __all__ = [
-    "PREEMPTED_EXIT_CODE", "CheckpointMismatchError", "NonFiniteLossError", "Preempted", "Task",
+    "PREEMPTED_EXIT_CODE", "CheckpointMismatchError", "Eval", "NonFiniteLossError", "Preempted", "Task",
     "TrainResult", "TrainState", "call_model_fn", "default_config", "initialize_distributed",
     "make_mesh", "make_optimizer", "make_schedule", "param_shardings", "train_and_evaluate",
 ]

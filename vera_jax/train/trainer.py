@@ -12,7 +12,6 @@ loss or gradient norm of a step is NaN/inf, before that step is checkpointed.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -38,66 +37,10 @@ from . import mesh as mesh_lib
 from .checkpoint import Checkpointer
 from .metrics import Best, MetricWriter
 from .optim import make_optimizer
+from .task import PREEMPTED_EXIT_CODE, Eval, NonFiniteLossError, Preempted, Task, TrainResult
 
-PREEMPTED_EXIT_CODE = 143
-
-
-class Preempted(SystemExit):
-    """SIGTERM arrived; the current step was checkpointed. Exit status 143 (128 + SIGTERM)."""
-
-    def __init__(self, step: int):
-        super().__init__(PREEMPTED_EXIT_CODE)
-        self.step = step
-
-    def __str__(self) -> str:
-        return f"preempted by SIGTERM; checkpoint written at step {self.step}"
-
-
-class NonFiniteLossError(FloatingPointError):
-    """The loss or gradient norm of optimizer step `step` (1-based) is not finite; nothing from that
-    step was checkpointed."""
-
-    def __init__(self, step: int, loss: float, grad_norm: float, last_checkpoint: Optional[int]):
-        self.step, self.loss, self.grad_norm, self.last_checkpoint = step, loss, grad_norm, last_checkpoint
-        super().__init__(f"non-finite loss at step {step} (loss={loss}, grad_norm={grad_norm}); "
-                         f"training stopped, last good checkpoint: step {last_checkpoint}")
-
-
-@dataclasses.dataclass
-class Task:
-    """What a benchmark family plugs into the trainer.
-
-    adapted: the model's params with an adapter attached (vera_jax.apply_vera / apply_lora / ...).
-    loss_fn(params, batch, rng) -> (scalar loss, dict of scalar aux metrics); `params` are plain
-        model params (merged W0 + delta, or the base params under factored interception).
-    train_data: grain.MapDataset of single examples (the trainer shuffles and batches), or a
-        grain.IterDataset yielding this process's batches (batch_size / process_count rows).
-    eval_data: grain.MapDataset of single examples, or None.
-    eval_fn(params, batch) -> dict of arrays with a leading batch axis (predictions, labels, ...).
-    metrics_fn(outputs) -> dict of floats, on the concatenated eval_fn outputs of the eval set.
-    param_axes: logical axis names of adapted.base (nn.get_partition_spec of the boxed params from
-        model.init); None replicates every param.
-    steps_per_epoch: global steps per pass over the data, for an IterDataset train_data (the
-        trainer counts it itself for a MapDataset, and then this must be None). With it, epochs
-        work as for a MapDataset: num_epochs sets the step count when num_train_steps is -1,
-        eval_every_steps=0 evaluates once per epoch, and metrics and the summary carry epochs.
-    """
-
-    adapted: vera_jax.Adapted
-    loss_fn: Callable
-    train_data: Any
-    eval_data: Any = None
-    eval_fn: Optional[Callable] = None
-    metrics_fn: Optional[Callable] = None
-    param_axes: Any = None
-    name: str = "task"
-    steps_per_epoch: Optional[int] = None
-
-
-@dataclasses.dataclass
-class TrainResult:
-    adapted: vera_jax.Adapted  # final params with trained adapter (global arrays)
-    summary: dict
+__all__ = ["PREEMPTED_EXIT_CODE", "Eval", "NonFiniteLossError", "Preempted", "Task", "TrainResult",
+           "TrainState", "call_model_fn", "train_and_evaluate"]
 
 
 @struct.dataclass
@@ -144,6 +87,34 @@ def _steps_per_epoch(task: Task, global_batch: int) -> Optional[int]:
     if isinstance(given, bool) or not isinstance(given, (int, np.integer)) or given < 1:
         raise ValueError(f"task.steps_per_epoch: must be an int >= 1 or None, got {given!r}")
     return int(given)
+
+
+def _eval_due(every, default_every: int, step: int, per_epoch: Optional[int], name: str) -> bool:
+    """Whether an eval scheduled by `every` (steps, "epoch", "end", None) runs after `step`."""
+    if every is None:
+        every = default_every if default_every > 0 else "epoch"
+    if every == "end":
+        return False
+    if every == "epoch":
+        if per_epoch is None:
+            raise ValueError(f"evals[{name!r}].every: 'epoch' needs epochs (a MapDataset train_data or "
+                             "task.steps_per_epoch); give a step count or 'end'")
+        return step % per_epoch == 0
+    if isinstance(every, bool) or not isinstance(every, (int, np.integer)) or every < 1:
+        raise ValueError(f"evals[{name!r}].every: expected a step count >= 1, 'epoch', 'end' or None, got {every!r}")
+    return step % int(every) == 0
+
+
+def _best_target(best_metric: str, evals: dict) -> tuple[Optional[str], str]:
+    """(eval name, metric) that `best_metric` ("name/metric", "metric" or "") tracks."""
+    if not evals:
+        return None, best_metric
+    name, sep, metric = best_metric.rpartition("/")
+    if not sep:
+        return next(iter(evals)), best_metric
+    if name not in evals:
+        raise ValueError(f"best_metric: {best_metric!r} names eval {name!r}; the evals are {sorted(evals)}")
+    return name, metric
 
 
 def _validate(config, task: Task) -> None:
@@ -294,49 +265,60 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
     train_step = jax.jit(_make_train_step(task, config, tx, schedules, mesh, batch_axes),
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
-    eval_step = None
-    if task.eval_data is not None:
-        if task.eval_fn is None or task.metrics_fn is None:
-            raise ValueError("task: eval_data needs eval_fn and metrics_fn")
-        eval_step = jax.jit(
-            lambda t, f, b: call_model_fn(task.eval_fn, vera_jax.combine(t, f), config, b, train=False),
-            in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
+    evals = task.all_evals()
+    eval_steps = {name: jax.jit(
+        lambda t, f, b, fn=ev.eval_fn: call_model_fn(fn, vera_jax.combine(t, f), config, b, train=False),
+        in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl) for name, ev in evals.items()}
+    for name, ev in evals.items():
+        if (ev.batch_size or config.eval_batch_size) % divisor:
+            raise ValueError(f"evals[{name!r}].batch_size {ev.batch_size or config.eval_batch_size} must be "
+                             f"divisible by the {divisor} devices of mesh axes {batch_axes}")
+    best_eval, best_metric = _best_target(config.best_metric, evals)
 
     data_iter = data_lib.train_iterator(task.train_data, global_batch=config.batch_size, num_steps=total,
                                         seed=config.seed, shuffle=config.shuffle,
-                                        threads=config.data_threads, prefetch=config.data_prefetch)
+                                        threads=config.data_threads, prefetch=config.data_prefetch,
+                                        collate=task.collate, lengths=task.train_lengths,
+                                        sort_window=task.sort_window)
     ckpt = Checkpointer(os.path.join(workdir, "checkpoints"), keep=config.keep_checkpoints,
                         use_async=config.checkpoint_async)
     writer = MetricWriter(workdir, config.tensorboard)
-    meta = {"log_sums": {}, "log_count": 0, "best": None, "last_eval": None, "last_train": None}
+    meta = {"log_sums": {}, "log_count": 0, "best": None, "last_eval": {}, "last_train": None, "history": []}
     start = 0
     if config.resume:
         abstract = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, state_sh)
         restored = ckpt.restore_latest(abstract, data_iter)
         if restored is not None:
-            state, meta = restored
+            state, meta = restored[0], {**meta, **{k: v for k, v in restored[1].items() if v is not None}}
             start = int(state.step)
             logging.info("resumed from step %d in %s", start, ckpt.directory)
     writer.truncate_after(start)
-    best = Best(config.best_metric, config.best_mode, meta["best"])
+    best = Best(best_metric, config.best_mode, meta["best"])
 
-    def evaluate() -> dict:
+    def evaluate(name: str, ev: Eval) -> tuple[dict, dict]:
         outputs = []
-        for local, n_valid in data_lib.eval_batches(task.eval_data, config.eval_batch_size, config.data_threads):
-            out = eval_step(state.trainable, frozen, mesh_lib.global_batch(local, batch_sh))
+        for local, n_valid in data_lib.eval_batches(ev.data, ev.batch_size or config.eval_batch_size,
+                                                    config.data_threads, collate=ev.collate or task.collate,
+                                                    lengths=ev.lengths):
+            out = eval_steps[name](state.trainable, frozen, mesh_lib.global_batch(local, batch_sh))
             outputs.append(jax.tree.map(lambda x: np.asarray(x)[:n_valid], out))
         merged_out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
-        return {k: float(v) for k, v in task.metrics_fn(merged_out).items()}
+        return {k: float(v) for k, v in ev.metrics_fn(merged_out).items()}, merged_out
 
     def epoch_of(step: int) -> Optional[float]:
         return None if per_epoch is None else step / per_epoch
 
-    def run_eval(step: int) -> None:
-        metrics = evaluate()
-        best.update(step, epoch_of(step), metrics)
-        meta.update(best=best.state, last_eval=metrics)
-        writer.write(step, {**{f"eval/{k}": v for k, v in metrics.items()},
+    def run_eval(step: int, name: str, ev: Eval) -> None:
+        metrics, outputs = evaluate(name, ev)
+        if name == best_eval:
+            best.update(step, epoch_of(step), metrics)
+            meta["best"] = best.state
+        meta["last_eval"] = {**meta["last_eval"], name: metrics}
+        meta["history"] = [*meta["history"], {"step": step, "epoch": epoch_of(step), "eval": name, **metrics}]
+        writer.write(step, {**{f"{name}/{k}": v for k, v in metrics.items()},
                             **({} if per_epoch is None else {"epoch": epoch_of(step)})})
+        if ev.write_fn is not None and is_main:
+            ev.write_fn(workdir, step, outputs, metrics)
 
     bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar), desc=task.name,
                dynamic_ncols=True)
@@ -368,10 +350,9 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                 bar.set_postfix(loss=f"{means['train/loss']:.4g}",
                                 lr=f"{max(v for k, v in means.items() if k.startswith('train/lr/')):.3g}",
                                 ex_s=f"{run_examples / run_time:.1f}")
-            due = (step % config.eval_every_steps == 0) if config.eval_every_steps > 0 else \
-                (per_epoch is not None and step % per_epoch == 0)
-            if eval_step is not None and (due or step == total):
-                run_eval(step)
+            for name, ev in evals.items():
+                if step == total or _eval_due(ev.every, config.eval_every_steps, step, per_epoch, name):
+                    run_eval(step, name, ev)
             if step % config.checkpoint_every_steps == 0 or step == total:
                 ckpt.save(step, state, meta, data_iter)
         ckpt.wait()
@@ -388,8 +369,10 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
         "steps": total,
         "epochs": epoch_of(total),
         "resumed_from_step": start or None,
-        "final": {"train": meta["last_train"], "eval": meta["last_eval"]},
-        "best": {"metric": best.metric, "mode": best.mode, **best.state},
+        "final": {"train": meta["last_train"], "eval": meta["last_eval"].get(best_eval),
+                  "evals": meta["last_eval"]},
+        "best": {"eval": best_eval, "metric": best.metric, "mode": best.mode, **best.state},
+        "evals": meta["history"],
         "trainable_params": vera_jax.count_trainable(adapted),
         "wall_time_s": time.time() - wall_start,
         "train_time_s": run_time,

@@ -1,0 +1,21 @@
+"""What every data reader shares: the offline error and the reachability probe behind it."""
+
+from __future__ import annotations
+
+import socket
+import urllib.parse
+from typing import Optional
+
+
+class DataUnavailableError(RuntimeError):
+    """The data is neither local nor downloadable (no network); the message says what to pass."""
+
+
+def reachable(url: str, timeout: float) -> Optional[str]:
+    """None when a TCP connection to the URL's host opens within `timeout` s, else the reason."""
+    parts = urllib.parse.urlparse(url)
+    try:
+        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
+        return None
+    except OSError as e:
+        return f"{parts.hostname}: {e}"

@@ -1,0 +1,288 @@
+"""The generic runner every benchmark family runs on:
+
+    config -> data (checked first) -> checkpoint -> model (+ fresh head) -> adapter -> trainer
+           -> adapter file + summary.json
+
+A family (`Family`) says only what is specific to it: how to load its data, the model options it
+needs (e.g. num_labels) and the trainer parts (`Parts`: examples, collate, loss, evals). Everything
+else lives here once: checkpoint resolution with offline advice, the method's adapter built from
+every field of `config.vera` / `config.lora`, the per-group learning rates from `config.lr`,
+parameter counts, the adapter file and the run summary.
+
+    summary = runner.run(glue.FAMILY, config, workdir)      # from a notebook
+    python -m experiments.glue --config configs/minilm_sst2.py   # from the shell
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any, Callable, Optional
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import ml_collections
+
+import vera_jax
+from vera_jax import train as train_lib
+from vera_jax.data.common import DataUnavailableError, reachable
+from vera_jax.models import common as model_common
+from vera_jax.models import hub
+
+METHODS = ("vera", "lora", "full", "head")
+METHOD_CONFIGS = {"vera": vera_jax.VeraConfig, "lora": vera_jax.LoraConfig}
+SET_BY_RUNNER = ("seed", "trainable_extra")  # method config fields the runner fills in
+CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification")
+
+
+class ConfigError(ValueError):
+    """A config field has a value the run cannot use; the message names the field."""
+
+
+class CheckpointUnavailableError(RuntimeError):
+    """The model checkpoint is neither a local path, nor cached, nor downloadable."""
+
+
+@dataclasses.dataclass
+class Model:
+    """A loaded model: the linen module, plain params, tokenizer (or None), HF config, the local
+    checkpoint path, and the logical axis names of the params (for sharding)."""
+
+    module: nn.Module
+    params: dict
+    tokenizer: Any
+    hf_config: dict
+    path: str
+    param_axes: Any
+
+
+@dataclasses.dataclass
+class Parts:
+    """What a family gives the trainer: training examples (grain.MapDataset of single examples),
+    loss_fn(params, batch, rng) -> (loss, aux), named evals, the collate step and lengths for
+    bucketing (see `vera_jax.train.Task`), the metric that picks the best eval when the config
+    names none, and facts for the summary."""
+
+    train: Any
+    loss_fn: Callable
+    evals: dict
+    collate: Optional[Callable] = None
+    train_lengths: Any = None
+    sort_window: int = 0
+    best_metric: str = ""
+    info: dict = dataclasses.field(default_factory=dict)
+
+
+@dataclasses.dataclass(frozen=True)
+class Family:
+    """One benchmark family.
+
+    load_data(config) -> data: read (or check) the data before the model loads, so a missing
+        dataset fails fast; raise DataUnavailableError with advice when offline.
+    model_options(config, data) -> dict: extra `load_model` options (num_labels, architecture).
+    make_parts(config, model, data) -> Parts.
+    user_errors: exception types that mean bad input (the CLI prints one line, exits 2).
+    advice: how to pass the family's data offline, appended to the offline checkpoint error.
+    run_name(config) -> the default workdir's last part.
+    """
+
+    name: str
+    load_data: Callable
+    make_parts: Callable
+    model_options: Callable = lambda config, data: {}
+    user_errors: tuple = ()
+    advice: str = ""
+    run_name: Callable = lambda config: f"{config.method}-s{config.seed}"
+
+
+def resolve_checkpoint(name: str, timeout: float, advice: str = "") -> str:
+    """Local path for `name`: itself (a directory or .gguf file), the Hub cache, or a download
+    when the Hub is reachable; offline, fails at once saying how to pass local files."""
+    if os.path.isdir(name) or (os.path.isfile(name) and name.endswith(".gguf")):
+        return name
+    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
+        raise FileNotFoundError(f"model.checkpoint: {name} is not a checkpoint directory or .gguf file")
+    from huggingface_hub import constants, snapshot_download
+
+    try:
+        return snapshot_download(name, local_files_only=True)
+    except Exception:  # noqa: BLE001 - not cached (the next step says whether it can be fetched)
+        pass
+    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else reachable(constants.ENDPOINT, timeout)
+    if reason is not None:
+        raise CheckpointUnavailableError(
+            f"model.checkpoint {name!r} is not a local directory, not in the Hugging Face cache, and cannot be "
+            f"downloaded ({reason}). Offline, pass a local checkpoint directory (config.json, *.safetensors, "
+            f"tokenizer files) or a .gguf file, e.g. --config.model.checkpoint=/path/to/{name.split('/')[-1]}"
+            + (f"; {advice}" if advice else "."))
+    return hub.resolve(name)
+
+
+def model_config() -> ml_collections.ConfigDict:
+    """The `config.model` fields the runner reads."""
+    m = ml_collections.ConfigDict()
+    m.checkpoint = ""  # Hub id, local checkpoint dir (config.json, *.safetensors, tokenizer) or .gguf file
+    m.tokenizer = ""  # a tokenizer directory, when the checkpoint has none
+    m.head = ("classifier",)  # modules trained in every method, at lr.head (trainable_extra)
+    m.random_init = False  # True: only the checkpoint's config.json; weights drawn from `seed`
+    m.overrides = ml_collections.ConfigDict()  # HF config fields replaced before building (e.g. layers)
+    return m
+
+
+def method_config(cls, **values) -> ml_collections.ConfigDict:
+    """Every field of VeraConfig / LoraConfig but those the runner sets, with the class defaults
+    updated by `values`, so any of them can be set from the command line or swept."""
+    out = ml_collections.ConfigDict()
+    for name in cls.field_names():
+        if name in SET_BY_RUNNER:
+            continue
+        value = values.pop(name, getattr(cls(), name))
+        out[name] = ml_collections.config_dict.placeholder(tuple) if value is None else value
+    if values:
+        raise ConfigError(f"{cls.method}: unknown fields {sorted(values)}; allowed: {sorted(out)}")
+    return out
+
+
+def attach(params, config) -> vera_jax.Adapted:
+    """The method's adapter on `params` (config.method, config.vera / config.lora, config.seed);
+    the modules of config.model.head always train."""
+    head = tuple(config.model.head)
+    if config.method in METHOD_CONFIGS:
+        cls = METHOD_CONFIGS[config.method]
+        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config[config.method].items()}
+        try:
+            method_cfg = cls(**fields, seed=config.seed, trainable_extra=head)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"{config.method}: {e}") from e
+        apply = vera_jax.apply_vera if config.method == "vera" else vera_jax.apply_lora
+        return apply(params, method_cfg)
+    if config.method == "full":
+        return vera_jax.apply_full(params, head)
+    return vera_jax.apply_head(params, head)
+
+
+def learning_rates(config) -> dict:
+    """Peak lr per optimizer group from `config.lr` (the one place rates are set): the method's
+    adapter rate (lr.vera or lr.lora), lr.head, lr.full."""
+    if len(config.optimizer.learning_rates):
+        raise ConfigError("optimizer.learning_rates: set by the runner from config.lr; set lr.vera, lr.lora, "
+                          f"lr.head or lr.full instead (got {sorted(config.optimizer.learning_rates)})")
+    rates = {"head": config.lr.head, "full": config.lr.full}
+    if config.method in METHOD_CONFIGS:
+        rates["adapter"] = config.lr[config.method]
+    return rates
+
+
+def _needs_fresh_head(hf_config: dict, num_labels) -> bool:
+    archs = hf_config.get("architectures") or ()
+    return num_labels is not None and not any(a.endswith(CLASSIFIER_SUFFIXES) for a in archs)
+
+
+def checkpoint_path(config, advice: str = "") -> str:
+    """The local path of `config.model.checkpoint` (see `resolve_checkpoint`)."""
+    if not config.model.checkpoint:
+        raise ConfigError("model.checkpoint: empty; give a Hub id, a local checkpoint directory or a .gguf file")
+    return resolve_checkpoint(config.model.checkpoint, config.network_timeout, advice)
+
+
+def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] = None,
+               architecture: Optional[str] = None) -> Model:
+    """The model of `config.model` from its local `path` (default: `checkpoint_path(config)`): the
+    checkpoint's weights, or with random_init its config with weights drawn from config.seed. A
+    classifier the checkpoint lacks is drawn from config.seed, so seeds differ in its start too."""
+    m = config.model
+    path = path or checkpoint_path(config)
+    overrides = dict(m.overrides)
+    if m.random_init or overrides:
+        if not m.random_init:
+            raise ConfigError("model.overrides: only with model.random_init=True (pretrained weights fix the shapes)")
+        hf_config = hub.task_config({**hub.read_config(path), **overrides}, num_labels, architecture)
+        fam = hub.family(hf_config["model_type"])
+        chosen = hf_config["architectures"][0] if num_labels is not None or architecture is not None else None
+        module = fam.build(hf_config, architecture=chosen)
+        params = jax.jit(module.init)(jax.random.key(config.seed), *fam.dummy_inputs(hf_config))["params"]
+        params = nn.unbox(params)
+        tokenizer = hub.load_tokenizer(path) if os.path.isdir(path) else None
+    else:
+        module, params, tokenizer = hub.from_pretrained(path, num_labels=num_labels, architecture=architecture)
+        hf_config = hub.task_config(hub.read_config(path), num_labels, architecture)
+        if _needs_fresh_head(hub.read_config(path), num_labels):
+            fresh = model_common.init_subtrees(module, hub.family(hf_config["model_type"]).dummy_inputs(hf_config),
+                                               ["classifier"], config.seed)
+            params = {**params, "classifier": jax.tree.map(jnp.asarray, fresh["classifier"])}
+    if m.tokenizer:
+        tokenizer = hub.load_tokenizer(m.tokenizer)
+    dummy = hub.family(hf_config["model_type"]).dummy_inputs(hf_config)
+    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy))
+    return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path,
+                 param_axes=nn.get_partition_spec(boxed)["params"])
+
+
+def _validate(config) -> None:
+    if config.method not in METHODS:
+        raise ConfigError(f"method: expected one of {METHODS}, got {config.method!r}")
+
+
+def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
+    """(trainer Task, facts for the summary, resolved config with the learning-rate groups and the
+    best metric filled in): everything `run` does before training, for inspection in a notebook."""
+    _validate(config)
+    config = config.copy_and_resolve_references()
+    path = checkpoint_path(config, family.advice)
+    data = family.load_data(config)
+    model = load_model(config, path, **family.model_options(config, data))
+    parts = family.make_parts(config, model, data)
+    adapted = attach(model.params, config)
+    for group, rate in learning_rates(config).items():
+        config.optimizer.learning_rates[group] = rate
+    if not config.best_metric:
+        config.best_metric = parts.best_metric
+    task = train_lib.Task(adapted=adapted, loss_fn=parts.loss_fn, train_data=parts.train, evals=parts.evals,
+                          collate=parts.collate, train_lengths=parts.train_lengths, sort_window=parts.sort_window,
+                          param_axes=model.param_axes, name=f"{family.name}-{config.method}")
+    info = {"family": family.name, "method": config.method, "checkpoint": config.model.checkpoint,
+            "seed": config.seed, **parts.info,
+            "adapter_params": int(sum(x.size for x in jax.tree.leaves(adapted.adapter))),
+            "trainable_params": vera_jax.count_trainable(adapted)}
+    return task, info, config
+
+
+def run(family: Family, config, workdir: str) -> dict:
+    """One run of `family` per `config`; returns (and writes to workdir/summary.json) the trainer's
+    summary (per-eval history in "evals", "best", "final") with the family's facts, parameter
+    counts and the whole run's wall time; saves the trained adapter to workdir/adapter."""
+    start = time.time()
+    task, info, config = build(family, config)
+    result = train_lib.train_and_evaluate(config, workdir, task)
+    summary = {**result.summary, **info, "wall_time_s": time.time() - start}
+    if jax.process_index() == 0:
+        if config.save_adapter:
+            vera_jax.save_adapter(os.path.join(workdir, "adapter"), result.adapted)
+        with open(os.path.join(workdir, "summary.json"), "w") as f:
+            json.dump(summary, f, indent=2, default=str)
+    return summary
+
+
+def main(family: Family, config, workdir: Optional[str]) -> dict:
+    """The CLI body every experiment shares: distributed init, the run, one JSON line on stdout;
+    bad input (a user error of the family or the runner) prints one line and exits 2."""
+    if config is None:
+        raise SystemExit(f"error: --config is required, e.g. --config configs/<{family.name} config>.py")
+    workdir = workdir or f"/tmp/vera_{family.name}/{family.run_name(config)}"
+    train_lib.initialize_distributed(config)
+    errors = (ConfigError, CheckpointUnavailableError, DataUnavailableError, FileNotFoundError) + family.user_errors
+    try:
+        summary = run(family, config, workdir)
+    except errors as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    best = summary["best"]
+    print(json.dumps({"family": family.name, "method": summary["method"], "best_step": best.get("step"),
+                      "best_epoch": best.get("epoch"), **(best.get("metrics") or {}),
+                      "trainable_params": summary["trainable_params"],
+                      "wall_time_s": round(summary["wall_time_s"], 1), "workdir": workdir}))
+    return summary
