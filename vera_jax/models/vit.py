@@ -5,7 +5,8 @@ embedding is a Dense over flattened (P, P, C) patches, equal to HF's stride-P Co
 every kernel in the model is 2-D. Pre-LayerNorm blocks; the classifier reads the [CLS]
 token after the final LayerNorm. `ViTModel` returns the final hidden states (HF's pooler,
 present in `google/vit-*-in21k` checkpoints, is ignored: ViTForImageClassification does
-not use it). Param tree:
+not use it). `interpolate_position_embeddings` adapts a checkpoint to another image size.
+Param tree:
 
     embeddings/{cls_token, position_embeddings, patch_embed}
     layer_{i}/layernorm_before, layer_{i}/attention/{query,key,value,attn_out},
@@ -172,6 +173,45 @@ def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, archit
 def dummy_inputs(hf_config: dict) -> tuple:
     c = ViTConfig.from_hf(hf_config)
     return (jnp.zeros((1, c.image_size, c.image_size, c.num_channels), jnp.float32),)
+
+
+def interpolate_position_embeddings(params: dict, hf_config: dict, image_size: int) -> tuple[dict, dict]:
+    """(params, hf_config) for square images of `image_size` pixels: the patch-grid position
+    embeddings resized as transformers' `ViTEmbeddings.interpolate_pos_encoding` does (torch
+    bicubic, align_corners=False), so `build(new_config)` with the new params computes what HF's
+    `ViTModel(pixel_values, interpolate_pos_encoding=True)` does at that size."""
+    config = {**hf_config, "image_size": image_size}
+    old, new = (ViTConfig.from_hf(c) for c in (hf_config, config))
+    if new.image_size == old.image_size:
+        return params, config
+    pos = params["embeddings"]["position_embeddings"]
+    g, n = old.image_size // old.patch_size, new.image_size // new.patch_size
+    m = _bicubic_matrix(g, n)
+    pos64 = np.asarray(pos, np.float64)
+    grid = np.einsum("Hh,Ww,hwd->HWd", m, m, pos64[0, 1:].reshape(g, g, -1)).reshape(1, n * n, -1)
+    resized = np.concatenate([pos64[:, :1], grid], axis=1)
+    embeddings = {**params["embeddings"], "position_embeddings": jnp.asarray(resized, pos.dtype)}
+    return {**params, "embeddings": embeddings}, config
+
+
+def _bicubic_matrix(n_in: int, n_out: int) -> np.ndarray:
+    """(n_out, n_in) weights of torch's 1-D bicubic resize: align_corners=False, A = -0.75, taps
+    beyond the edge clamped to it."""
+    a = -0.75
+    src = (np.arange(n_out) + 0.5) * (n_in / n_out) - 0.5
+    base = np.floor(src)
+    t = src - base
+
+    def near(x):  # taps at |x| <= 1
+        return ((a + 2) * x - (a + 3)) * x * x + 1
+
+    def far(x):  # taps at 1 < |x| < 2
+        return ((a * x - 5 * a) * x + 8 * a) * x - 4 * a
+
+    m = np.zeros((n_out, n_in))
+    for tap, w in enumerate((far(t + 1), near(t), near(1 - t), far(2 - t))):
+        np.add.at(m, (np.arange(n_out), np.clip(base + tap - 1, 0, n_in - 1).astype(int)), w)
+    return m
 
 
 def _entries(c: ViTConfig) -> list[common.Entry]:
