@@ -118,6 +118,11 @@ def test_random_init_is_drawn_from_the_seed(bert_config_dir):
     leaves = lambda m: jax.tree.leaves({k: v for k, v in m.params.items() if k != "classifier"})  # noqa: E731
     assert not all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
     assert a.hf_config["architectures"] == ["BertModel"] and a.tokenizer is None
+    config.model.checkpoint = "vit-base-patch16-224-in21k"  # a config shipped with vera_jax: no files
+    config.model.overrides = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+                              "intermediate_size": 32, "image_size": 8, "patch_size": 4}
+    vit = runner.load_model(config, num_labels=3)
+    assert vit.params["classifier"]["kernel"].shape == (16, 3) and vit.hf_config["num_hidden_layers"] == 1
 
 
 def test_runner_errors_name_the_field(bert_config_dir, tmp_path):

@@ -182,10 +182,18 @@ def _needs_fresh_head(hf_config: dict, num_labels) -> bool:
     return num_labels is not None and not any(a.endswith(CLASSIFIER_SUFFIXES) for a in archs)
 
 
-def checkpoint_path(config, advice: str = "") -> str:
-    """The local path of `config.model.checkpoint` (see `resolve_checkpoint`)."""
+def _bundled(config) -> bool:
+    return bool(config.model.random_init) and config.model.checkpoint in hub.bundled_configs()
+
+
+def checkpoint_path(config, advice: str = "") -> Optional[str]:
+    """The local path of `config.model.checkpoint` (see `resolve_checkpoint`); None for a config
+    shipped with vera_jax (`hub.bundled_configs()`, e.g. "vit-base-patch16-224-in21k") under
+    model.random_init, which needs no files."""
     if not config.model.checkpoint:
         raise ConfigError("model.checkpoint: empty; give a Hub id, a local checkpoint directory or a .gguf file")
+    if _bundled(config):
+        return None
     return resolve_checkpoint(config.model.checkpoint, config.network_timeout, advice)
 
 
@@ -200,13 +208,14 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
     if m.random_init or overrides:
         if not m.random_init:
             raise ConfigError("model.overrides: only with model.random_init=True (pretrained weights fix the shapes)")
-        hf_config = hub.task_config({**hub.read_config(path), **overrides}, num_labels, architecture)
+        stored = hub.bundled_config(m.checkpoint) if path is None else hub.read_config(path)
+        hf_config = hub.task_config({**stored, **overrides}, num_labels, architecture)
         fam = hub.family(hf_config["model_type"])
         chosen = hf_config["architectures"][0] if num_labels is not None or architecture is not None else None
         module = fam.build(hf_config, architecture=chosen)
         params = jax.jit(module.init)(jax.random.key(config.seed), *fam.dummy_inputs(hf_config))["params"]
         params = nn.unbox(params)
-        tokenizer = hub.load_tokenizer(path) if os.path.isdir(path) else None
+        tokenizer = hub.load_tokenizer(path) if path and os.path.isdir(path) else None
     else:
         module, params, tokenizer = hub.from_pretrained(path, num_labels=num_labels, architecture=architecture)
         hf_config = hub.task_config(hub.read_config(path), num_labels, architecture)
@@ -218,7 +227,7 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
         tokenizer = hub.load_tokenizer(m.tokenizer)
     dummy = hub.family(hf_config["model_type"]).dummy_inputs(hf_config)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy))
-    return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path,
+    return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path or m.checkpoint,
                  param_axes=nn.get_partition_spec(boxed)["params"])
 
 
