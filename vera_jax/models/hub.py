@@ -4,6 +4,7 @@
 lazily from `FAMILIES`), which exposes `build`, `params_from_hf`, `params_to_hf`,
 `HF_MODULE_NAMES` and `dummy_inputs`. Only safetensors are read: pickled `.bin`
 checkpoints can run arbitrary code when loaded and are refused.
+A path ending in `.gguf` is read by `vera_jax.models.gguf` (config and tokenizer from its metadata).
 """
 
 from __future__ import annotations
@@ -135,7 +136,8 @@ def from_pretrained(
     num_labels: int | None = None,
     architecture: str | None = None,
 ) -> tuple[Any, dict, Any]:
-    """(model, params, tokenizer or None) for a local checkpoint directory or a Hub id.
+    """(model, params, tokenizer or None) for a local checkpoint directory, a Hub id, or a local
+    `.gguf` file (LLaMA architecture; dequantized to float, see `vera_jax.models.gguf`).
 
     The architecture is `architecture`, else the family's classification architecture when
     `num_labels` is given, else `config.json`'s `architectures[0]`. A head the checkpoint
@@ -143,15 +145,24 @@ def from_pretrained(
     the family's `params_from_hf`); any other missing, unexpected or misshapen tensor raises
     `common.CheckpointError` naming it. Params are cast to `param_dtype`.
     """
-    path = resolve(name_or_dir)
-    hf_config = read_config(path)
-    if "model_type" not in hf_config:
-        raise ValueError(f"{path}/config.json has no model_type")
-    tensors = read_safetensors(path)
+    if str(name_or_dir).endswith(".gguf"):
+        from vera_jax.models import gguf
+
+        reader = gguf.open_gguf(str(name_or_dir))
+        hf_config = gguf.read_config(reader)
+        tensors = gguf.read_tensors(reader, hf_config)
+        tokenizer = gguf.load_tokenizer(reader)
+    else:
+        path = resolve(name_or_dir)
+        hf_config = read_config(path)
+        if "model_type" not in hf_config:
+            raise ValueError(f"{path}/config.json has no model_type")
+        tensors = read_safetensors(path)
+        tokenizer = load_tokenizer(path)
     hf_config = task_config(hf_config, num_labels, architecture)
     fam = family(hf_config["model_type"])
     chosen = hf_config["architectures"][0] if num_labels is not None or architecture is not None else None
     model = fam.build(hf_config, dtype=dtype, param_dtype=param_dtype, architecture=chosen)
     params = fam.params_from_hf(tensors, hf_config)
     params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
-    return model, params, load_tokenizer(path)
+    return model, params, tokenizer

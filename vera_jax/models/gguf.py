@@ -1,0 +1,188 @@
+"""Read LLaMA-architecture GGUF files (llama.cpp's format) into the LLaMA family.
+
+A GGUF holds the config and tokenizer as metadata and each tensor in a block-quantized
+(or float) type. Reading is split so a later quantized-in-memory path can reuse it:
+
+    raw_tensors(reader, config)  -> QuantizedTensor (HF name, stored blocks, type, shape), as stored
+    dequantize(tensor)           -> float32 array in HF layout (torch `nn.Linear` (out, in))
+    read_tensors(path, config)   -> {HF name: float32 array}, what `llama.params_from_hf` takes
+
+llama.cpp's converter permutes the rows of q/k projections (its rotary pairs adjacent
+elements; HF rotates halves); `raw_tensors` undoes that on whole rows, which blocks never
+span, so the raw blocks and their dequantized values both come out in HF order, as
+transformers' GGUF loader does after dequantizing. Dequantization is `gguf.quants.dequantize`,
+the maintained reference transformers uses too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from typing import Iterator
+
+import gguf
+import numpy as np
+
+SUPPORTED_ARCHITECTURES = ("llama",)
+Q = gguf.GGMLQuantizationType
+SUPPORTED_TYPES = (Q.F32, Q.F16, Q.BF16, Q.Q8_0, Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1,
+                   Q.Q2_K, Q.Q3_K, Q.Q4_K, Q.Q5_K, Q.Q6_K)
+
+# GGUF -> HF names; per-block suffixes live under `blk.{i}.` / `model.layers.{i}.`.
+TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+BLOCK_NAMES = {
+    "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj",
+}
+# GGUF metadata key (after "llama.") -> HF config field.
+CONFIG_FIELDS = {
+    "context_length": "max_position_embeddings", "block_count": "num_hidden_layers",
+    "feed_forward_length": "intermediate_size", "embedding_length": "hidden_size",
+    "rope.dimension_count": "head_dim", "rope.freq_base": "rope_theta",
+    "attention.head_count": "num_attention_heads", "attention.head_count_kv": "num_key_value_heads",
+    "attention.layer_norm_rms_epsilon": "rms_norm_eps", "vocab_size": "vocab_size",
+}
+TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantizedTensor:
+    """One tensor as stored: `data` is the raw block bytes (uint8, one row per output row) or
+    the float array; `shape` is the logical shape in HF (numpy) order, rows first."""
+
+    name: str
+    data: np.ndarray
+    quant_type: gguf.GGMLQuantizationType
+    shape: tuple[int, ...]
+
+
+def open_gguf(path: str) -> gguf.GGUFReader:
+    """A memory-mapped reader for `path`; tensors are read only when touched."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"{path}: no such GGUF file")
+    try:
+        return gguf.GGUFReader(path)
+    except ValueError as e:
+        raise ValueError(f"{path}: not a readable GGUF file ({e})") from e
+
+
+def _field(reader: gguf.GGUFReader, key: str, default=None):
+    field = reader.fields.get(key)
+    return default if field is None else field.contents()
+
+
+def architecture(reader: gguf.GGUFReader) -> str:
+    """`general.architecture`, checked against what this module reads."""
+    arch = _field(reader, "general.architecture")
+    if arch not in SUPPORTED_ARCHITECTURES:
+        raise ValueError(f"{reader.data.filename}: GGUF architecture {arch!r} (general.architecture) is not "
+                         f"supported; supported: {list(SUPPORTED_ARCHITECTURES)}")
+    return arch
+
+
+def read_config(path_or_reader: str | gguf.GGUFReader) -> dict:
+    """An HF-style LLaMA config.json dict from the file's metadata.
+
+    `tie_word_embeddings` is true when the file has no `output.weight`; attention/MLP biases
+    are taken from the tensors present; the vocab size falls back to the token list's length.
+    """
+    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
+    arch = architecture(reader)
+    names = {t.name for t in reader.tensors}
+    if "rope_freqs.weight" in names:
+        raise ValueError(f"{reader.data.filename}: tensor rope_freqs.weight (per-frequency rope scaling, as "
+                         "Llama 3.1 files carry) is not supported")
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_act": "silu"}
+    for key, hf_key in CONFIG_FIELDS.items():
+        value = _field(reader, f"{arch}.{key}")
+        if value is not None:
+            config[hf_key] = value
+    for key in ("block_count", "embedding_length", "attention.head_count", "feed_forward_length"):
+        if f"{arch}.{key}" not in reader.fields:
+            raise ValueError(f"{reader.data.filename}: metadata {arch}.{key} is missing")
+    if "vocab_size" not in config:
+        tokens = reader.fields.get("tokenizer.ggml.tokens")
+        if tokens is None:
+            raise ValueError(f"{reader.data.filename}: neither {arch}.vocab_size nor tokenizer.ggml.tokens is set")
+        config["vocab_size"] = len(tokens.data)
+    scaling = _field(reader, f"{arch}.rope.scaling.type", "none")
+    if scaling == "linear":
+        config["rope_scaling"] = {"rope_type": "linear", "factor": _field(reader, f"{arch}.rope.scaling.factor")}
+    elif scaling != "none":
+        raise ValueError(f"{reader.data.filename}: {arch}.rope.scaling.type {scaling!r} is not supported "
+                         "(none, linear)")
+    config["tie_word_embeddings"] = "output.weight" not in names
+    config["attention_bias"] = any(n.endswith(".attn_q.bias") for n in names)
+    config["mlp_bias"] = any(n.endswith(".ffn_up.bias") for n in names)
+    for key, hf_key in TOKEN_IDS.items():
+        value = _field(reader, f"tokenizer.ggml.{key}")
+        if value is not None:
+            config[hf_key] = value
+    return config
+
+
+def hf_name(name: str) -> str:
+    """GGUF tensor name -> HF name; a name outside the tables comes back unchanged (and is then
+    reported as unexpected under its GGUF name)."""
+    module, _, suffix = name.rpartition(".")
+    if module in TOP_NAMES:
+        return f"{TOP_NAMES[module]}.{suffix}"
+    parts = module.split(".")
+    if len(parts) == 3 and parts[0] == "blk" and parts[2] in BLOCK_NAMES:
+        return f"model.layers.{parts[1]}.{BLOCK_NAMES[parts[2]]}.{suffix}"
+    return name
+
+
+def unpermute_rotary(rows: np.ndarray, num_heads: int) -> np.ndarray:
+    """Undo llama.cpp's q/k row order: within each head, rows (pairs interleaved) -> (halves).
+
+    Works on any array whose first axis is the projection's output rows, so on raw blocks too.
+    """
+    half = rows.shape[0] // num_heads // 2
+    return rows.reshape(num_heads, half, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def raw_tensors(reader: gguf.GGUFReader, config: dict) -> Iterator[QuantizedTensor]:
+    """Every tensor, HF-named and in HF row order, still in its stored type (no dequantizing)."""
+    rotary = {".self_attn.q_proj.": config["num_attention_heads"],
+              ".self_attn.k_proj.": config.get("num_key_value_heads") or config["num_attention_heads"]}
+    for t in reader.tensors:
+        if t.tensor_type not in SUPPORTED_TYPES:
+            raise ValueError(f"{reader.data.filename}: tensor {t.name} has quantization type {t.tensor_type.name}, "
+                             f"which is not supported; supported: {[q.name for q in SUPPORTED_TYPES]}")
+        name = hf_name(t.name)
+        shape = tuple(int(n) for n in reversed(t.shape))  # GGUF lists dimensions innermost first
+        data = t.data
+        heads = next((n for part, n in rotary.items() if part in name), None)
+        if heads is not None:
+            if data.ndim != len(shape):  # a quantized 1-D tensor has no whole rows to move
+                raise ValueError(f"{reader.data.filename}: tensor {t.name} is 1-D in type {t.tensor_type.name}; "
+                                 "only float types are supported for q/k biases")
+            data = unpermute_rotary(data, heads)
+        yield QuantizedTensor(name, data, t.tensor_type, shape)
+
+
+def dequantize(tensor: QuantizedTensor) -> np.ndarray:
+    """float32 values of a stored tensor, in its logical shape."""
+    return np.asarray(gguf.quants.dequantize(tensor.data, tensor.quant_type), np.float32).reshape(tensor.shape)
+
+
+def read_tensors(path_or_reader: str | gguf.GGUFReader, config: dict | None = None) -> dict[str, np.ndarray]:
+    """{HF name: float32 array} for every tensor in the file (config read from it unless given)."""
+    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
+    config = read_config(reader) if config is None else config
+    return {t.name: dequantize(t) for t in raw_tensors(reader, config)}
+
+
+def load_tokenizer(path_or_reader: str | gguf.GGUFReader):
+    """The HF fast tokenizer the file's `tokenizer.ggml.*` metadata describes, built by
+    transformers' own GGUF converter; None when the file carries no vocabulary."""
+    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
+    if "tokenizer.ggml.tokens" not in reader.fields:
+        return None
+    from transformers import AutoTokenizer
+
+    path = os.path.abspath(reader.data.filename)
+    return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
