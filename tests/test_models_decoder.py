@@ -13,7 +13,7 @@ from safetensors.numpy import load_file
 
 import vera_jax
 import vera_jax.models as models_pkg
-from vera_jax.models import common, decoding, gpt2, llama
+from vera_jax.models import common, decoding, generate, gpt2, llama
 
 PAD = 1  # HF fills finished beams with `pad or eos`, so a pad id of 0 would read as eos there
 PROMPT = 6
@@ -148,7 +148,7 @@ def test_cached_logits_match_uncached_at_every_step(cases, name):
 
 def eos_hit_by(case, ids, mask, count=1):
     """Tokens greedy decoding emits mid-way (row 0, then row 1), so the EOS path is exercised."""
-    tokens = decoding.greedy(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, None, PAD)
+    tokens = generate.greedy(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, None, PAD)
     eos = (int(tokens[0, 3]), int(tokens[1, 4]))[:count]
     return eos[0] if count == 1 else eos
 
@@ -158,7 +158,7 @@ def test_greedy_matches_hf_generate(cases, name):
     case = cases(name)
     ids, mask = left_padded()
     eos = eos_hit_by(case, ids, mask)
-    got = np.asarray(decoding.greedy(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, eos, PAD))
+    got = np.asarray(generate.greedy(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, eos, PAD))
     want, _ = case.torch_generate(ids, mask, eos_token_id=eos)
     np.testing.assert_array_equal(got, want)
     assert (got == eos).any() and (got == PAD).any()
@@ -169,7 +169,7 @@ def test_greedy_right_padded_row_matches_left_padded_copy(cases):
     ids, mask = left_padded()
     ids[2] = np.roll(ids[1], -2)
     mask[2] = np.roll(mask[1], -2)
-    got = np.asarray(decoding.greedy(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, None, PAD))
+    got = np.asarray(generate.greedy(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, None, PAD))
     np.testing.assert_array_equal(got[2], got[1])
 
 
@@ -179,7 +179,7 @@ def test_beam_search_matches_hf_generate(cases, name, early_stopping, ngram, eos
     case = cases(name)
     ids, mask = left_padded()
     eos = eos_hit_by(case, ids, mask, eos_count)
-    got, scores = decoding.beam_search(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, 4, 0.9,
+    got, scores = generate.beam_search(case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW, 4, 0.9,
                                        eos, PAD, no_repeat_ngram_size=ngram, early_stopping=early_stopping,
                                        return_scores=True)
     want, out = case.torch_generate(ids, mask, eos_token_id=eos, num_beams=4, length_penalty=0.9,
@@ -194,10 +194,10 @@ def test_beam_search_invariants(cases):
     ids, mask = left_padded()
     eos = eos_hit_by(case, ids, mask)
     args = (case.model, case.params, jnp.asarray(ids), jnp.asarray(mask), NEW)
-    one = decoding.beam_search(*args, 1, 0.9, eos, PAD, early_stopping=True)
-    np.testing.assert_array_equal(np.asarray(one), np.asarray(decoding.greedy(*args, eos, PAD)))
+    one = generate.beam_search(*args, 1, 0.9, eos, PAD, early_stopping=True)
+    np.testing.assert_array_equal(np.asarray(one), np.asarray(generate.greedy(*args, eos, PAD)))
 
-    tokens, scores = decoding.beam_search(*args, 4, 0.7, eos, PAD, return_scores=True)
+    tokens, scores = generate.beam_search(*args, 4, 0.7, eos, PAD, return_scores=True)
     tokens = np.asarray(tokens)
     logp = jax.nn.log_softmax(case.logits(np.concatenate([ids, tokens], 1),
                                           np.concatenate([mask, np.ones_like(tokens)], 1)), axis=-1)
@@ -220,7 +220,7 @@ def test_vera_factored_path_equals_merged_params_for_generation(cases):
     np.testing.assert_allclose(factored, case.logits(ids, mask, merged), atol=1e-5)
     assert not np.allclose(factored, case.logits(ids, mask), atol=1e-2)
     ids, mask = left_padded()
-    tokens = decoding.greedy(case.model, merged, jnp.asarray(ids), jnp.asarray(mask), NEW, None, PAD)
+    tokens = generate.greedy(case.model, merged, jnp.asarray(ids), jnp.asarray(mask), NEW, None, PAD)
     assert tokens.shape == (len(ids), NEW)
 
 
