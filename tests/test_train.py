@@ -300,7 +300,7 @@ def test_iter_dataset_with_steps_per_epoch_counts_epochs(tmp_path):
     assert [(m["step"], m["epoch"]) for m in evals] == [(4, 1.0), (6, 1.5)]
     assert result.summary["epochs"] == 1.5 and result.summary["best"]["epoch"] in (1.0, 1.5)
 
-    with pytest.raises(ValueError, match="num_train_steps: must be > 0 .* no steps_per_epoch"):
+    with pytest.raises(ValueError, match="num_train_steps: must be >= 0 .* no steps_per_epoch"):
         vtrain.train_and_evaluate(config, str(tmp_path / "none"), tiny.make_task(iter_data=True))
     for bad, match in ((0, "must be an int >= 1"), (2.5, "must be an int >= 1")):
         with pytest.raises(ValueError, match=f"task.steps_per_epoch: {match}"):
@@ -308,3 +308,30 @@ def test_iter_dataset_with_steps_per_epoch_counts_epochs(tmp_path):
                                       dataclasses.replace(tiny.make_task(iter_data=True), steps_per_epoch=bad))
     with pytest.raises(ValueError, match="task.steps_per_epoch: only for an IterDataset .* has 8 steps per epoch"):
         vtrain.train_and_evaluate(config, str(tmp_path / "map"), dataclasses.replace(tiny.make_task(), steps_per_epoch=8))
+
+
+def test_named_evals_run_on_their_own_schedules_and_steps_zero_only_evaluates(tmp_path):
+    """Two named evals (every 2 steps; only at the end, with a write_fn), best tracked on the one
+    best_metric names, the history in the summary; num_train_steps=0 evaluates the adapter as attached."""
+    base = tiny.make_task()
+    written = []
+    ev = lambda every, **kw: vtrain.Eval(base.eval_data, base.eval_fn, base.metrics_fn, every=every, **kw)  # noqa: E731
+    task = dataclasses.replace(base, eval_data=None, eval_fn=None, metrics_fn=None, evals={
+        "often": ev(2), "final": ev("end", batch_size=4, write_fn=lambda *args: written.append(args[1]))})
+    config = tiny.override(tiny.tiny_config(6), {"best_metric": "final/accuracy"})
+    result = vtrain.train_and_evaluate(config, str(tmp_path), task)
+    assert [(e["eval"], e["step"]) for e in result.summary["evals"]] == \
+        [("often", 2), ("often", 4), ("often", 6), ("final", 6)]
+    assert result.summary["best"]["eval"] == "final" and result.summary["best"]["step"] == 6 and written == [6]
+    assert {k for m in jsonl(tmp_path) for k in m if "/" in k and not k.startswith(("train/", "lr/"))} >= \
+        {"often/accuracy", "final/accuracy", "final/n"}
+    only = vtrain.train_and_evaluate(tiny.override(tiny.tiny_config(0), {}), str(tmp_path / "zero"), base)
+    assert [(e["eval"], e["step"]) for e in only.summary["evals"]] == [("eval", 0)] and only.summary["steps"] == 0
+    for got, start in zip(jax.tree.leaves(vera_jax.partition(only.adapted)[0]), jax.tree.leaves(vera_jax.partition(base.adapted)[0])):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(start))
+    with pytest.raises(ValueError, match="best_metric: 'other/accuracy' names eval 'other'"):
+        vtrain.train_and_evaluate(tiny.override(tiny.tiny_config(2), {"best_metric": "other/accuracy"}),
+                                  str(tmp_path / "bad"), task)
+    bad = dataclasses.replace(task, evals={"x": ev("weekly")})
+    with pytest.raises(ValueError, match="evals\\['x'\\].every: expected a step count"):
+        vtrain.train_and_evaluate(tiny.tiny_config(2), str(tmp_path / "bad2"), bad)

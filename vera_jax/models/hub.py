@@ -66,6 +66,11 @@ def resolve(name_or_dir: str) -> str:
 
 
 def read_config(path: str) -> dict:
+    """The HF config of a checkpoint directory (config.json) or of a `.gguf` file (its metadata)."""
+    if str(path).endswith(".gguf"):
+        from vera_jax.models import gguf
+
+        return gguf.read_config(str(path))
     config_file = os.path.join(path, "config.json")
     if not os.path.exists(config_file):
         raise FileNotFoundError(f"{path}: no config.json")

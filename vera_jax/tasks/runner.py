@@ -217,9 +217,10 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
         params = nn.unbox(params)
         tokenizer = hub.load_tokenizer(path) if path and os.path.isdir(path) else None
     else:
+        stored = hub.read_config(path)
         module, params, tokenizer = hub.from_pretrained(path, num_labels=num_labels, architecture=architecture)
-        hf_config = hub.task_config(hub.read_config(path), num_labels, architecture)
-        if _needs_fresh_head(hub.read_config(path), num_labels):
+        hf_config = hub.task_config(stored, num_labels, architecture)
+        if _needs_fresh_head(stored, num_labels):
             fresh = model_common.init_subtrees(module, hub.family(hf_config["model_type"]).dummy_inputs(hf_config),
                                                ["classifier"], config.seed)
             params = {**params, "classifier": jax.tree.map(jnp.asarray, fresh["classifier"])}

@@ -9,7 +9,7 @@ def default_config() -> ml_collections.ConfigDict:
     """Defaults for `train_and_evaluate`; a family config starts from this and overrides fields."""
     c = ml_collections.ConfigDict()
     c.seed = 0  # PRNG seed for dropout keys and the per-epoch data shuffle
-    c.num_train_steps = -1  # optimizer steps; -1: num_epochs * steps_per_epoch
+    c.num_train_steps = -1  # optimizer steps; -1: num_epochs * steps_per_epoch; 0: only run the evals
     c.num_epochs = 1.0  # used when num_train_steps == -1 (may be fractional)
     c.batch_size = 32  # global examples per optimizer step (all processes, all microbatches)
     c.eval_batch_size = 64  # global examples per eval step (last batch padded, padding dropped)

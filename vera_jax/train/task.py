@@ -48,6 +48,9 @@ class Eval:
     batch_size: global examples per eval step; None takes the config's `eval_batch_size`.
     write_fn(workdir, step, outputs, metrics): on process 0 after each run of this eval, e.g. to
         write the predictions it scored.
+    on_adapted: eval_fn gets the `Adapted` tree itself instead of plain params, for functions
+        that choose their own adapter path (e.g. `vera_jax.models.generate.beam_search`, which
+        merges once per call rather than once per decoded token).
     """
 
     data: Any
@@ -58,6 +61,7 @@ class Eval:
     lengths: Any = None
     batch_size: Optional[int] = None
     write_fn: Optional[Callable] = None
+    on_adapted: bool = False
 
 
 @dataclasses.dataclass

@@ -68,10 +68,10 @@ def call_model_fn(fn: Callable, adapted: vera_jax.Adapted, config, *args, dropou
 
 
 def _total_steps(config, per_epoch: Optional[int]) -> int:
-    if config.num_train_steps > 0:
+    if config.num_train_steps >= 0:
         return int(config.num_train_steps)
     if per_epoch is None:
-        raise ValueError("num_train_steps: must be > 0 when train_data is a grain.IterDataset "
+        raise ValueError("num_train_steps: must be >= 0 when train_data is a grain.IterDataset "
                          "and the task gives no steps_per_epoch")
     return max(1, int(math.ceil(config.num_epochs * per_epoch)))
 
@@ -251,7 +251,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
     per_epoch = _steps_per_epoch(task, config.batch_size)
     total = _total_steps(config, per_epoch)
     labels = vera_jax.optax_labels(adapted)
-    tx, schedules = make_optimizer(config.optimizer, labels, total)
+    tx, schedules = make_optimizer(config.optimizer, labels, max(total, 1))
     opt_shapes = jax.eval_shape(tx.init, trainable)
     masked = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
     opt_sh = optax.tree_map_params(tx, lambda x, s: x if masked(x) else s, opt_shapes, trainable_sh,
@@ -266,9 +266,13 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
     evals = task.all_evals()
-    eval_steps = {name: jax.jit(
-        lambda t, f, b, fn=ev.eval_fn: call_model_fn(fn, vera_jax.combine(t, f), config, b, train=False),
-        in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl) for name, ev in evals.items()}
+    def eval_step(ev: Eval):
+        if ev.on_adapted:
+            return lambda t, f, b: ev.eval_fn(vera_jax.combine(t, f), b)
+        return lambda t, f, b: call_model_fn(ev.eval_fn, vera_jax.combine(t, f), config, b, train=False)
+
+    eval_steps = {name: jax.jit(eval_step(ev), in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
+                  for name, ev in evals.items()}
     for name, ev in evals.items():
         if (ev.batch_size or config.eval_batch_size) % divisor:
             raise ValueError(f"evals[{name!r}].batch_size {ev.batch_size or config.eval_batch_size} must be "
@@ -324,6 +328,9 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                dynamic_ncols=True)
     run_examples, run_time = 0, 0.0
     try:
+        if total == 0:  # evaluation only: the adapter as attached (e.g. the untuned model)
+            for name, ev in evals.items():
+                run_eval(0, name, ev)
         for step in range(start + 1, total + 1):
             if preemption.reached(step - 1):
                 ckpt.save(step - 1, state, meta, data_iter)

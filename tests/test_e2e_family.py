@@ -1,0 +1,147 @@
+"""The E2E NLG family end to end, offline: a tiny GPT-2 drawn from a config.json beside a
+byte-level BPE tokenizer the test trains, E2E CSVs the test writes, every method through the
+runner and the CLI, the continuation-only smoothed loss, the paper's configs, and offline advice."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from configs import e2e_common, gpt2_large_e2e, gpt2_medium_e2e
+from vera_jax.tasks import e2e, runner
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+NAMES, FOODS = ["The Eagle", "Zizzi", "Aromi", "The Mill"], ["French", "Italian", "Chinese"]
+
+
+def pairs(rng, n):
+    rows = []
+    for _ in range(n):
+        name, food = rng.choice(NAMES), rng.choice(FOODS)
+        mr = f"name[{name}], food[{food}]"
+        rows.append((mr, f"{name} serves {food} food."))
+    return rows
+
+
+@pytest.fixture(scope="module")
+def e2e_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("e2e")
+    rng = np.random.default_rng(0)
+    for name, n in (("trainset.csv", 24), ("devset.csv", 10), ("testset_w_refs.csv", 10)):
+        lines = ["mr,ref"] + [f'"{mr}","{ref}"' for mr, ref in pairs(rng, n)]
+        (root / name).write_text("\n".join(lines) + "\n")
+    return str(root)
+
+
+@pytest.fixture(scope="module")
+def gpt2_dir(tmp_path_factory, e2e_dir):
+    """config.json of a 2-layer GPT-2 and a byte-level BPE tokenizer trained on the E2E texts."""
+    from tokenizers import ByteLevelBPETokenizer
+    from transformers import PreTrainedTokenizerFast
+
+    root = tmp_path_factory.mktemp("gpt2")
+    texts = [line for name in os.listdir(e2e_dir) for line in open(os.path.join(e2e_dir, name))]
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator(texts, vocab_size=300, min_frequency=1, special_tokens=["<|endoftext|>"])
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe._tokenizer, eos_token="<|endoftext|>")
+    tok.save_pretrained(root)
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "gpt2", "architectures": ["GPT2LMHeadModel"], "vocab_size": len(tok), "n_positions": 128,
+        "n_embd": 32, "n_layer": 2, "n_head": 2, "eos_token_id": tok.eos_token_id, "bos_token_id": tok.eos_token_id}))
+    return str(root)
+
+
+def tiny_config(checkpoint, data_dir, method="vera", **fields):
+    c = e2e_common.base_config(f"method={method}")
+    c.model.checkpoint, c.model.random_init = checkpoint, True
+    c.data.dir, c.data.max_length, c.data.buckets, c.data.eval_limit = data_dir, 32, (16,), 6
+    c.decode.num_beams, c.decode.max_new_tokens = 2, 6
+    c.vera.r, c.lora.r = 8, 2
+    c.batch_size, c.eval_batch_size, c.num_epochs, c.optimizer.warmup_steps = 8, 4, 1.0, 1
+    c.checkpoint_async, c.tensorboard, c.progress_bar, c.log_every_steps = False, False, False, 1
+    c.data_threads = c.data_prefetch = 1
+    for key, value in fields.items():
+        c[key] = value
+    return c
+
+
+@pytest.mark.parametrize("method", ["vera", "lora", "full"])
+def test_every_method_trains_decodes_and_scores(method, gpt2_dir, e2e_dir, tmp_path):
+    summary = runner.run(e2e.FAMILY, tiny_config(gpt2_dir, e2e_dir, method), str(tmp_path))
+    assert summary["steps"] == 3 and summary["train_pairs"] == 24 and summary["eval_mrs"] == 6
+    (final,) = summary["evals"]
+    assert final["eval"] == "test" and final["step"] == 3
+    assert set(final) >= {"BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr"}
+    out = tmp_path / "predictions" / "step_3"
+    predictions = (out / "predictions.txt").read_text().splitlines()
+    refs = json.loads((out / "references.json").read_text())
+    assert len(predictions) == len(refs["mrs"]) == 6 and json.loads((out / "metrics.json").read_text())["BLEU"] == final["BLEU"]
+    assert refs["mrs"][0].startswith("name[") and all("\n" not in p for p in predictions)
+
+
+def test_steps_zero_scores_the_untuned_model(gpt2_dir, e2e_dir, tmp_path):
+    summary = runner.run(e2e.FAMILY, tiny_config(gpt2_dir, e2e_dir, num_train_steps=0), str(tmp_path))
+    assert summary["steps"] == 0 and [e["step"] for e in summary["evals"]] == [0]
+    assert (tmp_path / "predictions" / "step_0" / "predictions.txt").exists()
+
+
+def test_loss_covers_only_the_continuation_with_label_smoothing(gpt2_dir, e2e_dir):
+    task, info, config = runner.build(e2e.FAMILY, tiny_config(gpt2_dir, e2e_dir))
+    row = task.train_data[0]
+    n, ctx = len(row["ids"]), int(row["context"])
+    batch = task.collate([row], n)
+    width = batch["ids"].shape[1]
+    assert width == (16 if n <= 16 else 32) and batch["ids"][0, ctx - 1] == row["ids"][ctx - 1]
+    assert batch["weights"][0].tolist() == [0] * ctx + [1] * (n - ctx) + [0] * (width - n)
+    logits = jax.random.normal(jax.random.key(0), (2, 5, 7))
+    targets, weights = jnp.array([[1, 2, 3, 4, 5], [6, 0, 1, 2, 3]]), jnp.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
+    smoothed = optax.smooth_labels(jax.nn.one_hot(targets, 7), 0.1)
+    expected = (optax.softmax_cross_entropy(logits, smoothed) * weights).sum() / weights.sum()
+    np.testing.assert_allclose(e2e.lm_loss(logits, targets, weights, 0.1), expected, rtol=1e-6)
+
+
+def test_prompts_are_left_padded_and_end_in_the_separator(gpt2_dir, e2e_dir):
+    task, _, _ = runner.build(e2e.FAMILY, tiny_config(gpt2_dir, e2e_dir))
+    ev = task.evals["test"]
+    batch = ev.collate([ev.data[0], ev.data[5]], 16)
+    assert batch["mask"][:, -1].tolist() == [1, 1] and batch["mask"][0, 0] == 0
+    from transformers import AutoTokenizer
+
+    eos = AutoTokenizer.from_pretrained(gpt2_dir).eos_token_id
+    assert batch["ids"][:, -1].tolist() == [eos, eos]
+
+
+def test_configs_carry_the_paper_settings():
+    for module, vera_lr in ((gpt2_medium_e2e, 1e-1), (gpt2_large_e2e, 2e-2)):
+        c = module.get_config()
+        assert (c.method, c.vera.r, tuple(c.vera.targets), c.vera.d_initial, c.lr.vera) == \
+            ("vera", 1024, ("query", "value"), 0.1, vera_lr)
+        assert (c.batch_size, c.num_epochs, c.optimizer.warmup_steps, c.optimizer.weight_decay,
+                c.optimizer.schedule, c.label_smoothing) == (8, 5.0, 500, 0.01, "linear", 0.1)
+        assert (c.decode.num_beams, c.decode.length_penalty, c.decode.no_repeat_ngram_size,
+                c.decode.max_new_tokens) == (10, 0.8, 4, 64)
+        lora = module.get_config("method=lora,seed=2")
+        assert (lora.method, lora.seed, lora.lora.r, lora.lora.alpha, lora.lora.dropout, lora.lr.lora) == \
+            ("lora", 2, 4, 32.0, 0.1, 2e-4)
+    with pytest.raises(ValueError, match="config arg method: expected one of"):
+        gpt2_medium_e2e.get_config("method=head")
+
+
+def test_offline_training_exits_within_seconds_saying_what_to_do(tmp_path):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "hf")}
+    start = time.time()
+    proc = subprocess.run([sys.executable, "-m", "experiments.e2e", "--config", "configs/gpt2_medium_e2e.py",
+                           "--workdir", str(tmp_path / "run")], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "--config.model.checkpoint=" in proc.stderr and "--config.data.dir=" in proc.stderr
+    assert time.time() - start < 60
