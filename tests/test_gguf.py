@@ -205,3 +205,23 @@ def test_real_smollm2_q4_1_matches_transformers():
     np.testing.assert_allclose(got, want[:, :ids.shape[1]], atol=5e-4, rtol=1e-4)
     np.testing.assert_array_equal(tokens, want[:, ids.shape[1] - 1:-1].argmax(-1))
     assert tokenizer.decode(tokens[0]).startswith(" Paris")
+
+
+def test_runner_loads_a_gguf_checkpoint(tmp_path):
+    """model.checkpoint may be a .gguf file: the runner reads its config and tokenizer from the metadata."""
+    import ml_collections
+
+    from vera_jax.tasks import runner
+
+    path = tmp_path / "tiny.gguf"
+    write_gguf(path, Q.Q8_0)
+    config = ml_collections.ConfigDict({"model": runner.model_config(), "network_timeout": 1.0, "seed": 0})
+    config.model.checkpoint = str(path)
+    model = runner.load_model(config)
+    assert model.hf_config["model_type"] == "llama" and model.tokenizer is not None and model.path == str(path)
+    _, params, _ = from_pretrained(str(path))
+    for a, b in zip(jax.tree.leaves(model.params), jax.tree.leaves(params)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    with pytest.raises(FileNotFoundError, match="is not a checkpoint directory or .gguf file"):
+        config.model.checkpoint = str(tmp_path / "missing.gguf")
+        runner.load_model(config)
