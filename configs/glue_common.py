@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ml_collections
 
+from configs.common import parse_arg
 from vera_jax import LoraConfig, VeraConfig
 from vera_jax.tasks import runner
 from vera_jax.train import default_config
@@ -18,17 +19,6 @@ ROBERTA = {
     "base": dict(checkpoint="roberta-base", r=1024, batch_size=64, max_length=512),
     "large": dict(checkpoint="roberta-large", r=256, batch_size=128, max_length=128),
 }
-
-
-def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
-    """"key=value,key=value" (values typed like the defaults) over `defaults`."""
-    out = ml_collections.ConfigDict(defaults)
-    for item in filter(None, (arg or "").split(",")):
-        key, sep, value = item.partition("=")
-        if not sep or key not in defaults:
-            raise ValueError(f"config arg {item!r}: expected key=value with key in {sorted(defaults)}")
-        out[key] = type(defaults[key])(value)
-    return out
 
 
 def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:

@@ -11,6 +11,8 @@ A sweep is an ml_collections config (see configs/sweeps/):
     c.grid = [{"method": ["vera"], "vera.r": [256, 1024]},   # union of cartesian products
               {"method": ["lora"]}]
     c.seeds = [0, 1, 2]                    # crossed with every grid point (key: c.seed_key)
+    # The grid key "config" varies the config file itself (e.g. one per model and dataset):
+    #   c.grid = [{"config": ["configs/vit_base_cifar100.py", "configs/vit_large_cifar100.py"]}]
 
     python -m experiments.sweep run configs/sweeps/minilm_mrpc.py [--workers 2]
     python -m experiments.sweep commands configs/sweeps/minilm_mrpc.py --format tpu --tpu NAME --zone ZONE
@@ -38,6 +40,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 SUMMARY = "summary.json"
+CONFIG_KEY = "config"  # a grid key naming the run's config file, not a --config.<key> override
 FAILURES = "failures.jsonl"
 
 
@@ -98,8 +101,10 @@ def _dotted(overrides, prefix: str = "") -> dict:
 
 
 def command(config, run: Run, python: str = sys.executable) -> list[str]:
-    args = [python, "-m", config.module, f"--config={config.config}", f"--workdir={run.workdir}"]
-    for key, value in {**_dotted(config.get("fixed", {})), **run.params}.items():
+    params = dict(run.params)
+    config_file = params.pop(CONFIG_KEY, config.config)
+    args = [python, "-m", config.module, f"--config={config_file}", f"--workdir={run.workdir}"]
+    for key, value in {**_dotted(config.get("fixed", {})), **params}.items():
         args.append(f"--config.{key}={_format(value)}")
     return args
 

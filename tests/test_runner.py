@@ -3,6 +3,7 @@ through the generic runner, with two named evals on their own schedules."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 
@@ -140,3 +141,24 @@ def test_runner_errors_name_the_field(bert_config_dir, tmp_path):
         runner.run(TOY, config, str(tmp_path / "run"))
     with pytest.raises(runner.ConfigError, match=r"vera: unknown fields \['rank'\]"):
         runner.method_config(VeraConfig, rank=4)
+
+
+def test_family_adapt_model_and_per_method_learning_rates(bert_config_dir):
+    """Family.adapt_model sees the loaded model before the adapter attaches; an lr entry may be a
+    {method: rate} dict that config.method picks from."""
+    seen = []
+
+    def adapt(config, model):
+        seen.append(model.hf_config["num_hidden_layers"])
+        return dataclasses.replace(model, params={**model.params, "classifier": jax.tree.map(np.zeros_like,
+                                                                                            model.params["classifier"])})
+
+    family = dataclasses.replace(TOY, adapt_model=adapt)
+    config = toy_config(bert_config_dir, "lora")
+    config.lr = ml_collections.ConfigDict({"head": {"vera": 1e-2, "lora": 3e-3}, "lora": 1e-3, "full": 1e-4})
+    task, _, resolved = runner.build(family, config)
+    assert seen == [2] and not np.any(task.adapted.base["classifier"]["kernel"])
+    assert (resolved.optimizer.learning_rates.head, resolved.optimizer.learning_rates.adapter) == (3e-3, 1e-3)
+    config.method = "head"
+    with pytest.raises(runner.ConfigError, match=r"lr.head: no rate for method 'head'; it has \['lora', 'vera'\]"):
+        runner.learning_rates(config)

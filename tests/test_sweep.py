@@ -111,6 +111,15 @@ def test_commands_for_shell_and_tpu(tmp_path, capsys):
         sweep.emit(c, "slurm")
 
 
+def test_grid_key_config_picks_the_config_file(tmp_path):
+    c = _config(tmp_path, [{"config": ["configs/a.py", "configs/b.py"], "method": ["vera"]}], seeds=[0])
+    runs = sweep.expand(c)
+    assert [r.name for r in runs] == [f"config=configs_{x}.py,method=vera,seed=0" for x in "ab"]
+    assert sweep.command(c, runs[1], python="python")[3:] == [
+        "--config=configs/b.py", f"--workdir={runs[1].workdir}", "--config.num_epochs=2", "--config.method=vera",
+        "--config.seed=0"]
+
+
 def test_cli_on_a_config_file(tmp_path, fake_module, capsys):
     spec = tmp_path / "my_sweep.py"
     spec.write_text(textwrap.dedent(f"""

@@ -85,6 +85,8 @@ class Family:
         dataset fails fast; raise DataUnavailableError with advice when offline.
     model_options(config, data) -> dict: extra `load_model` options (num_labels, architecture).
     make_parts(config, model, data) -> Parts.
+    adapt_model(config, model) -> Model: the loaded model changed before the adapter attaches
+        (e.g. a ViT's position embeddings interpolated to another image size); default: as loaded.
     user_errors: exception types that mean bad input (the CLI prints one line, exits 2).
     advice: how to pass the family's data offline, appended to the offline checkpoint error.
     run_name(config) -> the default workdir's last part.
@@ -94,6 +96,7 @@ class Family:
     load_data: Callable
     make_parts: Callable
     model_options: Callable = lambda config, data: {}
+    adapt_model: Callable = lambda config, model: model
     user_errors: tuple = ()
     advice: str = ""
     run_name: Callable = lambda config: f"{config.method}-s{config.seed}"
@@ -167,13 +170,23 @@ def attach(params, config) -> vera_jax.Adapted:
 
 def learning_rates(config) -> dict:
     """Peak lr per optimizer group from `config.lr` (the one place rates are set): the method's
-    adapter rate (lr.vera or lr.lora), lr.head, lr.full."""
+    adapter rate (lr.vera or lr.lora), lr.head, lr.full. An entry may be a {method: rate} dict
+    (e.g. lr.head when the paper tunes the head's rate per method): config.method picks from it."""
     if len(config.optimizer.learning_rates):
         raise ConfigError("optimizer.learning_rates: set by the runner from config.lr; set lr.vera, lr.lora, "
                           f"lr.head or lr.full instead (got {sorted(config.optimizer.learning_rates)})")
-    rates = {"head": config.lr.head, "full": config.lr.full}
+
+    def rate(name):
+        value = config.lr[name]
+        if not hasattr(value, "keys"):
+            return value
+        if config.method not in value:
+            raise ConfigError(f"lr.{name}: no rate for method {config.method!r}; it has {sorted(value.keys())}")
+        return value[config.method]
+
+    rates = {"head": rate("head"), "full": rate("full")}
     if config.method in METHOD_CONFIGS:
-        rates["adapter"] = config.lr[config.method]
+        rates["adapter"] = rate(config.method)
     return rates
 
 
@@ -244,7 +257,7 @@ def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.
     config = config.copy_and_resolve_references()
     path = checkpoint_path(config, family.advice)
     data = family.load_data(config)
-    model = load_model(config, path, **family.model_options(config, data))
+    model = family.adapt_model(config, load_model(config, path, **family.model_options(config, data)))
     parts = family.make_parts(config, model, data)
     adapted = attach(model.params, config)
     for group, rate in learning_rates(config).items():

@@ -1,0 +1,8 @@
+"""ViT-B/16 (ImageNet-21k) on Food101, 10 images per class (paper, Table 11 rates)."""
+
+from configs import vit_common
+
+
+def get_config(arg=None):
+    return vit_common.vit("base", "food101", head=4e-3, full=(4e-5, 4e-2),
+                          vera=(4e-2, 4e-2), lora=(4e-3, 4e-3), arg=arg)
