@@ -62,7 +62,8 @@ def delta_cosines(vera, lora, seed: int = 0) -> list[dict]:
     vera_layers, lora_layers = _by_path(vera), _by_path(lora)
     shared = [name for name in vera_layers if name in lora_layers]
     if not shared:
-        raise ValueError(f"delta_cosines: no layer adapted by both (VeRA: {sorted(vera_layers)}, LoRA: {sorted(lora_layers)})")
+        raise ValueError(f"delta_cosines: no layer adapted by both (VeRA: {sorted(vera_layers)}, "
+                         f"LoRA: {sorted(lora_layers)})")
     rng = np.random.default_rng(seed)
     rows = []
     for name in shared:
@@ -123,10 +124,12 @@ def analyse(vera, lora=None, out: str | Path = "runs/analysis") -> dict[str, Pat
         _write_csv(cosines, out / "delta_cosine.csv")
         keys = ["cos_lora_vera", "cos_lora_gaussian", "cos_lora_random_vera"]
         lines = ["| layer | module | " + " | ".join(keys) + " |", "| ---: | --- |" + " ---: |" * len(keys)]
-        lines += [f"| {r['layer']} | {r['module']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |" for r in cosines]
+        lines += [f"| {r['layer']} | {r['module']} | " + " | ".join(f"{r[k]:.4f}" for k in keys) + " |"
+                  for r in cosines]
         (out / "delta_cosine.md").write_text("\n".join(lines) + "\n")
         _plot_by_layer(cosines, keys, out / "delta_cosine.png", "cosine similarity", "LoRA vs VeRA weight deltas")
-        written |= {"cos_csv": out / "delta_cosine.csv", "cos_md": out / "delta_cosine.md", "cos_png": out / "delta_cosine.png"}
+        written |= {"cos_csv": out / "delta_cosine.csv", "cos_md": out / "delta_cosine.md",
+                    "cos_png": out / "delta_cosine.png"}
     return written
 
 

@@ -35,7 +35,8 @@ FLAGS = flags.FLAGS
 flags.DEFINE_string("references", None, "official E2E CSV with mr,ref columns (e.g. testset_w_refs.csv)")
 flags.DEFINE_string("predictions", None, "score: text file, one prediction per distinct MR in first-appearance order")
 flags.DEFINE_string("output", None, "template: where to write the baseline predictions")
-config_flags.DEFINE_config_file("config", None, "training: E2E config file (configs/gpt2_*_e2e.py, configs/smollm2_e2e.py)",
+config_flags.DEFINE_config_file("config", None,
+                                "training: E2E config file (configs/gpt2_*_e2e.py, configs/smollm2_e2e.py)",
                                 lock_config=False)
 flags.DEFINE_string("workdir", None, "training: output directory (default: /tmp/vera_e2e/<method>-s<seed>)")
 

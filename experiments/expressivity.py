@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 import vera_jax
 
+
 def _target(n: int, seed: int) -> jax.Array:
     return jax.random.normal(jax.random.key(seed), (n, n), jnp.float32) / jnp.sqrt(n)
 
@@ -75,10 +76,12 @@ def run(config, workdir: str | Path) -> list[dict]:
         target = _target(config.n, 1000 + seed)
         params = {"layer_0": {"target": {"kernel": jnp.zeros((config.n, config.n), jnp.float32)}}}
         if method == "lora":
-            adapted = vera_jax.apply_lora(params, vera_jax.LoraConfig(r=rank, alpha=rank, targets=("target",), seed=seed))
+            adapted = vera_jax.apply_lora(params,
+                                          vera_jax.LoraConfig(r=rank, alpha=rank, targets=("target",), seed=seed))
             lr = config.lora_lr
         else:
-            adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=rank, targets=("target",), seed=seed, d_initial=config.d_initial))
+            adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=rank, targets=("target",), seed=seed,
+                                                                      d_initial=config.d_initial))
             lr = config.vera_lr
         start = time.perf_counter()
         error = _fit(adapted, target, config.steps, lr)
@@ -108,14 +111,16 @@ def _write(rows: list[dict], workdir: Path, config) -> None:
         writer.writeheader()
         writer.writerows(rows)
     medians = _median_rows(rows)
-    lines = [f"Fitting a random {config.n}x{config.n} matrix (median of {config.num_seeds} seeds, {config.steps} Adam steps); "
-             "error = ||W - T||_F^2 / ||T||_F^2", "",
-             "| method | rank | trainable params | rel. error | LoRA SVD optimum |", "| --- | ---: | ---: | ---: | ---: |"]
+    lines = [f"Fitting a random {config.n}x{config.n} matrix (median of {config.num_seeds} seeds, "
+             f"{config.steps} Adam steps); error = ||W - T||_F^2 / ||T||_F^2", "",
+             "| method | rank | trainable params | rel. error | LoRA SVD optimum |",
+             "| --- | ---: | ---: | ---: | ---: |"]
     for r in medians:
         svd = "" if r["svd_optimum"] is None else f"{r['svd_optimum']:.4f}"
         lines.append(f"| {r['method']} | {r['rank']} | {r['params']} | {r['rel_error']:.4f} | {svd} |")
     (workdir / "expressivity.md").write_text("\n".join(lines) + "\n")
-    (workdir / "expressivity.json").write_text(json.dumps({"config": config.to_dict(), "medians": medians}, indent=2) + "\n")
+    (workdir / "expressivity.json").write_text(
+        json.dumps({"config": config.to_dict(), "medians": medians}, indent=2) + "\n")
 
     import matplotlib
 

@@ -28,7 +28,8 @@ def _perturbed(config):
     adapted = vera_jax.apply_vera(_params(), config)
     leaves, treedef = jax.tree.flatten(adapted.adapter)
     keys = jax.random.split(jax.random.key(1), len(leaves))
-    return adapted.replace(adapter=treedef.unflatten([v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
+    return adapted.replace(
+        adapter=treedef.unflatten([v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
 
 
 def test_unshared_projections_give_each_layer_its_own_exact_size_pair(tmp_path):
@@ -36,10 +37,12 @@ def test_unshared_projections_give_each_layer_its_own_exact_size_pair(tmp_path):
     adapted = _perturbed(config)
     own = adapted.projections["layer_0"]["value"]
     assert own["A"].shape == (4, 12) and own["B"].shape == (6, 4)
-    assert not np.allclose(adapted.projections["layer_1"]["query"]["A"][:, :6], adapted.projections["layer_0"]["query"]["A"][:, :6])
+    assert not np.allclose(adapted.projections["layer_1"]["query"]["A"][:, :6],
+                           adapted.projections["layer_0"]["query"]["A"][:, :6])
     alone = vera_jax.apply_vera(_params(), config.replace(targets=("value",)))
     np.testing.assert_array_equal(alone.projections["layer_0"]["value"]["A"], own["A"])
-    assert vera_jax.count_trainable(adapted) == vera_jax.count_trainable(vera_jax.apply_vera(_params(), vera_jax.VeraConfig(r=4)))
+    assert vera_jax.count_trainable(adapted) == vera_jax.count_trainable(
+        vera_jax.apply_vera(_params(), vera_jax.VeraConfig(r=4)))
     x = jnp.ones((3, 8))
     merged = vera_jax.merge(adapted)
     spec = adapted.layers[0]
@@ -47,14 +50,18 @@ def test_unshared_projections_give_each_layer_its_own_exact_size_pair(tmp_path):
     p = vera_jax.adapters.core.get_path(adapted.projections, spec.path)
     delta = (p["A"].T * vec["lambda_d"]) @ (p["B"].T * vec["lambda_b"])
     np.testing.assert_allclose(vera_jax.adapters.core.get_path(merged, spec.path)["kernel"],
-                               vera_jax.adapters.core.get_path(_params(), spec.path)["kernel"] + delta, rtol=1e-5, atol=1e-6)
+                               vera_jax.adapters.core.get_path(_params(), spec.path)["kernel"] + delta,
+                               rtol=1e-5, atol=1e-6)
     vera_jax.save_adapter(tmp_path, adapted)
-    np.testing.assert_array_equal(_forward(vera_jax.merge(vera_jax.load_adapter(tmp_path, _params())), x), _forward(merged, x))
+    np.testing.assert_array_equal(_forward(vera_jax.merge(vera_jax.load_adapter(tmp_path, _params())), x),
+                                  _forward(merged, x))
 
 
 @pytest.mark.parametrize("init, check", [
-    ("kaiming_normal", lambda a, fan: abs(a.std() / np.sqrt(2 / fan) - 1) < 0.05 and np.abs(a).max() > np.sqrt(6 / fan)),
-    ("uniform", lambda a, fan: np.abs(a).max() <= 1.0 and np.abs(a).max() > 0.99 and abs(a.std() - 1 / np.sqrt(3)) < 0.02),
+    ("kaiming_normal",
+     lambda a, fan: abs(a.std() / np.sqrt(2 / fan) - 1) < 0.05 and np.abs(a).max() > np.sqrt(6 / fan)),
+    ("uniform",
+     lambda a, fan: np.abs(a).max() <= 1.0 and np.abs(a).max() > 0.99 and abs(a.std() - 1 / np.sqrt(3)) < 0.02),
 ])
 def test_projection_init_variants(init, check):
     p = vera_jax.make_projections(0, 64, 400, 300, init)
@@ -80,7 +87,8 @@ def test_only_b_freezes_d_everywhere(tmp_path):
     assert not any("lambda_d" in k for k in load_file(tmp_path / "adapter_model.safetensors"))
     loaded = vera_jax.load_adapter(tmp_path, _params())
     np.testing.assert_array_equal(loaded.adapter["layer_0"]["query"]["lambda_d"], jnp.full(4, 0.1))
-    np.testing.assert_array_equal(loaded.adapter["layer_0"]["query"]["lambda_b"], adapted.adapter["layer_0"]["query"]["lambda_b"])
+    np.testing.assert_array_equal(loaded.adapter["layer_0"]["query"]["lambda_b"],
+                                  adapted.adapter["layer_0"]["query"]["lambda_b"])
 
 
 def test_only_d_needs_a_nonzero_frozen_b():
@@ -90,7 +98,8 @@ def test_only_d_needs_a_nonzero_frozen_b():
     assert vera_jax.count_trainable(adapted) == 4 * 4
     np.testing.assert_array_equal(adapted.adapter["layer_0"]["value"]["lambda_b"], jnp.ones(6))
     x = jnp.ones((2, 8))
-    assert np.abs(_forward(vera_jax.merge(adapted), x) - _forward(_params(), x)).max() > 1e-4  # b=1, d=0.1: not the base
+    # b=1, d=0.1: not the base
+    assert np.abs(_forward(vera_jax.merge(adapted), x) - _forward(_params(), x)).max() > 1e-4
     with pytest.raises(ValueError, match=r"at least one of the vectors must train"):
         vera_jax.VeraConfig(train_d=False, train_b=False, b_initial=1.0)
 

@@ -55,7 +55,8 @@ SCRIPT = textwrap.dedent(
 
 
 def _run(*args, env=None):
-    subprocess.run([sys.executable, "-c", SCRIPT, *args], check=True, env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
+    subprocess.run([sys.executable, "-c", SCRIPT, *args], check=True,
+                   env={**os.environ, "JAX_PLATFORMS": "cpu", **(env or {})})
 
 
 @pytest.fixture(scope="module")
@@ -83,7 +84,8 @@ def test_file_holds_r_plus_out_per_layer_and_the_head_only(saved):
     record = json.loads((saved / "adapter_config.json").read_text())
     r = record["config"]["r"]
     per_layer = {"layer_0/query": 23, "layer_0/value": 20, "layer_1/query": 15, "layer_1/value": 12}
-    expected = {f"adapter/{p}/lambda_d": r for p in per_layer} | {f"adapter/{p}/lambda_b": o for p, o in per_layer.items()}
+    expected = ({f"adapter/{p}/lambda_d": r for p in per_layer}
+                | {f"adapter/{p}/lambda_b": o for p, o in per_layer.items()})
     expected |= {"head/classifier/kernel": 12 * 3, "head/classifier/bias": 3}
     assert {k: v.size for k, v in tensors.items()} == expected
     assert sum(v.size for v in tensors.values()) == sum(r + o for o in per_layer.values()) + 39
@@ -109,7 +111,8 @@ def test_lora_head_and_full_round_trip(tmp_path):
         vera_jax.apply_lora(params, vera_jax.LoraConfig(r=2, alpha=4, trainable_extra=("classifier",))),
         vera_jax.apply_head(params),
     ]):
-        adapted = adapted.replace(base={**adapted.base, "classifier": jax.tree.map(lambda x: x * 3.0, adapted.base["classifier"])})
+        adapted = adapted.replace(
+            base={**adapted.base, "classifier": jax.tree.map(lambda x: x * 3.0, adapted.base["classifier"])})
         vera_jax.save_adapter(tmp_path / str(i), adapted)
         loaded = vera_jax.load_adapter(tmp_path / str(i), params)
         assert jax.tree.all(jax.tree.map(lambda a, b: bool(jnp.array_equal(a, b)), loaded, adapted))
@@ -182,7 +185,8 @@ def test_missing_and_unexpected_tensors_are_named(tmp_path, saved):
     tensors["adapter/layer_9/query/lambda_d"] = tensors.pop("adapter/layer_0/query/lambda_d")
     save_file(tensors, d / "adapter_model.safetensors")
     _edit_record(d, lambda r: r.update(tensors_sha256=sha256(d / "adapter_model.safetensors")))
-    with pytest.raises(vera_jax.AdapterFileError, match=r"missing tensors \['adapter/layer_0/query/lambda_d'\], unexpected tensors \['adapter/layer_9/query/lambda_d'\]"):
+    with pytest.raises(vera_jax.AdapterFileError, match=r"missing tensors \['adapter/layer_0/query/lambda_d'\], "
+                                                        r"unexpected tensors \['adapter/layer_9/query/lambda_d'\]"):
         vera_jax.load_adapter(d, _params())
 
 

@@ -26,7 +26,8 @@ def _setup(method, tokens):
         adapted = vera_jax.apply_lora(params, vera_jax.LoraConfig(r=2))
     leaves, treedef = jax.tree.flatten(adapted.adapter)
     keys = jax.random.split(jax.random.key(2), len(leaves))
-    return model, x, adapted.replace(adapter=treedef.unflatten([v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
+    return model, x, adapted.replace(
+        adapter=treedef.unflatten([v + 0.3 * jax.random.normal(k, v.shape) for v, k in zip(leaves, keys)]))
 
 
 @pytest.mark.parametrize("method", ["vera", "lora"])

@@ -45,7 +45,8 @@ def _perturb(adapted, seed=2):
     """Non-trivial adapter values (b starts at zero, which would hide every bug)."""
     leaves, treedef = jax.tree.flatten(adapted.adapter)
     keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return adapted.replace(adapter=treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+    return adapted.replace(
+        adapter=treedef.unflatten([x + 0.3 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
 
 
 @pytest.fixture(scope="module")
@@ -78,8 +79,10 @@ def test_merged_and_factored_agree_on_layers_of_different_shapes(tiny, method):
 def test_fresh_adapter_is_the_identity(tiny):
     model, params = tiny
     x = _x()
-    for adapted in (vera_jax.apply_vera(params, vera_jax.VeraConfig(r=4)), vera_jax.apply_lora(params, vera_jax.LoraConfig())):
-        np.testing.assert_array_equal(model.apply({"params": vera_jax.merge(adapted)}, x), model.apply({"params": params}, x))
+    for adapted in (vera_jax.apply_vera(params, vera_jax.VeraConfig(r=4)),
+                    vera_jax.apply_lora(params, vera_jax.LoraConfig())):
+        np.testing.assert_array_equal(model.apply({"params": vera_jax.merge(adapted)}, x),
+                                      model.apply({"params": params}, x))
 
 
 def test_merge_is_exactly_w0_plus_delta(tiny):
@@ -91,7 +94,8 @@ def test_merge_is_exactly_w0_plus_delta(tiny):
     b = np.asarray(adapted.projections["B"])[: spec.out_features]
     vec = adapted.adapter["layer_0"]["value"]
     delta = (a.T * np.asarray(vec["lambda_d"])) @ (b.T * np.asarray(vec["lambda_b"]))
-    np.testing.assert_allclose(merged["layer_0"]["value"]["kernel"], params["layer_0"]["value"]["kernel"] + delta, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(merged["layer_0"]["value"]["kernel"], params["layer_0"]["value"]["kernel"] + delta,
+                               rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(merged["classifier"]["kernel"], params["classifier"]["kernel"])
 
 
@@ -103,7 +107,8 @@ def test_dense_general_kernels_flatten_by_the_in_axes_rule():
     adapted = _perturb(vera_jax.apply_vera(params, config))
     assert sorted((s.name, s.in_features, s.out_features) for s in adapted.layers) == [("out", 10, 7), ("query", 8, 10)]
     np.testing.assert_allclose(
-        model.apply({"params": vera_jax.merge(adapted)}, x), vera_jax.apply_factored(model, adapted, x), rtol=1e-5, atol=1e-5
+        model.apply({"params": vera_jax.merge(adapted)}, x), vera_jax.apply_factored(model, adapted, x),
+        rtol=1e-5, atol=1e-5
     )
     with pytest.raises(ValueError, match="kernel_in_axes"):
         vera_jax.apply_vera(params, vera_jax.VeraConfig(targets=("query",), kernel_in_axes={"query": 3}))
@@ -132,9 +137,11 @@ def test_grad_only_for_trainable_leaves_and_labels_drive_two_learning_rates(tiny
     updates, _ = tx.update(grads, state, trainable)
     new = optax.apply_updates(trainable, updates)
     np.testing.assert_array_equal(new.base["classifier"]["kernel"], trainable.base["classifier"]["kernel"])
-    assert np.abs(new.adapter["layer_1"]["value"]["lambda_b"] - trainable.adapter["layer_1"]["value"]["lambda_b"]).max() > 0
+    assert np.abs(new.adapter["layer_1"]["value"]["lambda_b"]
+                  - trainable.adapter["layer_1"]["value"]["lambda_b"]).max() > 0
 
-    adam = optax.multi_transform({"adapter": optax.adam(1e-2), "head": optax.adam(1e-3)}, vera_jax.optax_labels(adapted))
+    adam = optax.multi_transform({"adapter": optax.adam(1e-2), "head": optax.adam(1e-3)},
+                                 vera_jax.optax_labels(adapted))
     n_state = sum(x.size for x in jax.tree.leaves(adam.init(trainable)) if x.ndim)
     assert n_state == 2 * vera_jax.count_trainable(adapted)  # Adam's two moments, trainable leaves only
 
@@ -163,7 +170,8 @@ def test_target_selection_names_regex_and_layers(tiny):
     names = lambda cfg: sorted(s.name for s in vera_jax.find_targets(params, cfg))  # noqa: E731
     assert names(vera_jax.VeraConfig(targets="value")) == ["layer_0/value", "layer_1/value"]
     assert names(vera_jax.VeraConfig(targets=("layer_1/query",))) == ["layer_1/query"]
-    assert names(vera_jax.VeraConfig(targets=r"layer_\d/(key|value)")) == ["layer_0/key", "layer_0/value", "layer_1/key", "layer_1/value"]
+    assert names(vera_jax.VeraConfig(targets=r"layer_\d/(key|value)")) == [
+        "layer_0/key", "layer_0/value", "layer_1/key", "layer_1/value"]
     assert names(vera_jax.VeraConfig(targets=r"layer_\d/k.*")) == ["layer_0/key", "layer_1/key"]
     assert names(vera_jax.VeraConfig(layers_to_transform=1)) == ["layer_1/query", "layer_1/value"]
     with pytest.raises(ValueError, match=r"VeraConfig.targets.*matched no linear module.*layer_0/query"):
@@ -259,7 +267,8 @@ def test_tree_helpers_keep_non_string_keys():
     assert tree_lib.get_path(tree, ("layers", 1, "q")) == {"kernel": 2}
     tree_lib.set_path(tree, ("layers", 2, "q"), {"kernel": 4})
     assert tree["layers"][2] == {"q": {"kernel": 4}}
-    assert tree_lib.flat_names(tree) == {"layers/0/q/kernel": 1, "layers/1/q/kernel": 2, "layers/2/q/kernel": 4, "head": 3}
+    assert tree_lib.flat_names(tree) == {"layers/0/q/kernel": 1, "layers/1/q/kernel": 2, "layers/2/q/kernel": 4,
+                                         "head": 3}
     assert tree_lib.flatten(5) == {(): 5}
 
 

@@ -56,9 +56,11 @@ def test_each_task_reads_its_own_column_layout(tmp_path):
 
 
 @pytest.mark.parametrize("task, text, message", [
-    ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\n", r"train.tsv:3: expected 4 tab-separated"),
+    ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tentailment\n1\ta\tb\n",
+     r"train.tsv:3: expected 4 tab-separated"),
     ("rte", "index\tsentence1\tsentence2\tlabel\n0\ta\tb\tmaybe\n", r"train.tsv:2: label 'maybe' is not one of"),
-    ("rte", "index\tsentence1\tlabel\n0\ta\tentailment\n", r"train.tsv:1: header .* lacks the rte columns \['sentence2'\]"),
+    ("rte", "index\tsentence1\tlabel\n0\ta\tentailment\n",
+     r"train.tsv:1: header .* lacks the rte columns \['sentence2'\]"),
     ("stsb", "sentence1\tsentence2\tscore\na\tb\tfive\n", r"train.tsv:2: score 'five' is not a number"),
     ("cola", "gj04\t1\t\tfine\ngj04\t2\t\tbad label\n", r"train.tsv:2: label '2' is not one of \[0, 1\]"),
     ("sst2", "sentence\tlabel\n \t1\n", r"train.tsv:2: empty sentence"),
@@ -169,7 +171,8 @@ def test_sort_window_pads_less_and_still_covers_the_epoch():
     lengths = np.random.default_rng(1).integers(2, 120, 256)
     buckets = data.bucket_lengths(128, (16, 32, 48, 64, 96))
     kw = dict(global_batch=16, buckets=buckets, seed=0, shuffle=True)
-    assert data.padding_fraction(lengths, sort_window=8, **kw) < data.padding_fraction(lengths, sort_window=0, **kw) - 0.1
+    assert (data.padding_fraction(lengths, sort_window=8, **kw)
+            < data.padding_fraction(lengths, sort_window=0, **kw) - 0.1)
     order = train_data.epoch_order(256, global_batch=16, epoch=0, seed=0, shuffle=True, lengths=lengths, sort_window=8)
     assert sorted(order.reshape(-1).tolist()) == list(range(256))
     batches = list(stream(lengths, seed=0, buckets=buckets, sort_window=8, global_batch=16, num_steps=16))

@@ -84,7 +84,8 @@ def test_every_method_trains_decodes_and_scores(method, gpt2_dir, e2e_dir, tmp_p
     out = tmp_path / "predictions" / "step_3"
     predictions = (out / "predictions.txt").read_text().splitlines()
     refs = json.loads((out / "references.json").read_text())
-    assert len(predictions) == len(refs["mrs"]) == 6 and json.loads((out / "metrics.json").read_text())["BLEU"] == final["BLEU"]
+    assert (len(predictions) == len(refs["mrs"]) == 6
+            and json.loads((out / "metrics.json").read_text())["BLEU"] == final["BLEU"])
     assert refs["mrs"][0].startswith("name[") and all("\n" not in p for p in predictions)
 
 

@@ -98,7 +98,8 @@ def test_tfds_e2e_cleaned_through_data_source_mock():
     with tfds.testing.mock_data(num_examples=4):
         split = e2e.read_tfds("train")
     assert len(split) == 4 and split.source == "tfds e2e_cleaned[train]"
-    assert all(isinstance(m, str) and m.endswith("]") for m in split.mrs) and all(isinstance(r, str) for r in split.refs)
+    assert (all(isinstance(m, str) and m.endswith("]") for m in split.mrs)
+            and all(isinstance(r, str) for r in split.refs))
 
 
 def test_parse_mr_and_template():

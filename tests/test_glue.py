@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import glue_common
-from vera_jax.tasks import glue, runner
 from vera_jax.models import roberta
+from vera_jax.tasks import glue, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 VOCAB = ["[CLS]", "[PAD]", "[SEP]", "[UNK]", "[MASK]"] + "a the cat dog sat on mat is was not big small".split()

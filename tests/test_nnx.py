@@ -64,7 +64,8 @@ def _perturb(adapted):
 def test_paths_keep_nnx_list_integer_keys():
     model = make_model()
     adapted = vera_jax.apply_vera(model, CONFIG)
-    assert [s.path for s in adapted.layers] == [("layers", 0, "q"), ("layers", 0, "v"), ("layers", 1, "q"), ("layers", 1, "v")]
+    assert [s.path for s in adapted.layers] == [("layers", 0, "q"), ("layers", 0, "v"),
+                                                ("layers", 1, "q"), ("layers", 1, "v")]
     assert [s.name for s in adapted.layers] == ["layers/0/q", "layers/0/v", "layers/1/q", "layers/1/v"]
     assert set(adapted.adapter["layers"]) == {0, 1}
     assert adapted.source == "nnx"
@@ -123,7 +124,8 @@ def test_lora_head_and_full_accept_nnx_models_and_their_files_round_trip(tmp_pat
     assert vera_jax.count_trainable(head) == WIDTH * CLASSES + CLASSES
     full = vera_jax.apply_full(model)
     assert vera_jax.count_trainable(full) == sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))
-    for name, adapted in {"lora": _perturb(lora), "full": full.replace(base=jax.tree.map(lambda x: x + 1, full.base))}.items():
+    for name, adapted in {"lora": _perturb(lora),
+                          "full": full.replace(base=jax.tree.map(lambda x: x + 1, full.base))}.items():
         loaded = vera_jax.load_adapter(vera_jax.save_adapter(tmp_path / name, adapted), model)
         assert loaded.source == "nnx"
         jax.tree.map(np.testing.assert_array_equal, loaded, adapted)
@@ -172,8 +174,10 @@ def test_trainer_moves_only_vectors_and_adapter_file_reproduces_outputs_in_fresh
     vera_jax.save_adapter(tmp_path / "adapter", trained)
     out = tmp_path / "reloaded.npy"
     code = ("import sys, numpy as np, vera_jax, test_nnx as t; m = t.make_model(); "
-            "a = vera_jax.load_adapter(sys.argv[1], m); np.save(sys.argv[2], np.asarray(vera_jax.nnx_merge(m, a)(t.inputs())))")
+            "a = vera_jax.load_adapter(sys.argv[1], m); "
+            "np.save(sys.argv[2], np.asarray(vera_jax.nnx_merge(m, a)(t.inputs())))")
     env = {**os.environ, "JAX_PLATFORMS": "cpu",
-           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__), os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])}
+           "PYTHONPATH": os.pathsep.join([os.path.dirname(__file__),
+                                          os.path.dirname(os.path.dirname(os.path.abspath(__file__)))])}
     subprocess.run([sys.executable, "-c", code, str(tmp_path / "adapter"), str(out)], env=env, check=True, timeout=300)
     np.testing.assert_array_equal(np.load(out), expected)

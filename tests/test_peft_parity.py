@@ -58,7 +58,8 @@ def _peft_layers(model):
 def test_same_layers_shapes_and_outputs_as_peft(layers_to_transform):
     model = _peft_model(layers_to_transform)
     params = _flax_params(model)
-    config = vera_jax.VeraConfig(r=8, targets=[t.replace(".", "/") for t in PEFT_TARGETS], layers_to_transform=layers_to_transform)
+    config = vera_jax.VeraConfig(r=8, targets=[t.replace(".", "/") for t in PEFT_TARGETS],
+                                 layers_to_transform=layers_to_transform)
     adapted = vera_jax.apply_vera(params, config)
     peft_layers = _peft_layers(model)
     assert sorted(s.name for s in adapted.layers) == sorted(peft_layers)
@@ -83,7 +84,8 @@ def test_same_layers_shapes_and_outputs_as_peft(layers_to_transform):
         with torch.no_grad():
             expected = peft_layers[spec.name](torch.from_numpy(x)).numpy()
         module = get_path(merged, spec.path)
-        np.testing.assert_allclose(x @ np.asarray(module["kernel"]) + np.asarray(module["bias"]), expected, rtol=1e-5, atol=1e-5)
+        np.testing.assert_allclose(x @ np.asarray(module["kernel"]) + np.asarray(module["bias"]), expected,
+                                   rtol=1e-5, atol=1e-5)
         base = get_path(params, spec.path)
         factored = x @ np.asarray(base["kernel"]) + np.asarray(base["bias"]) + np.asarray(
             vera_jax.adapters.factored.layer_term(adapted, spec, jnp.asarray(x)))
@@ -92,6 +94,7 @@ def test_same_layers_shapes_and_outputs_as_peft(layers_to_transform):
 
 def test_peft_trainable_count_matches_ours():
     model = _peft_model()
-    adapted = vera_jax.apply_vera(_flax_params(model), vera_jax.VeraConfig(r=8, targets=[t.replace(".", "/") for t in PEFT_TARGETS]))
+    adapted = vera_jax.apply_vera(_flax_params(model),
+                                  vera_jax.VeraConfig(r=8, targets=[t.replace(".", "/") for t in PEFT_TARGETS]))
     peft_count = sum(p.numel() for n, p in model.named_parameters() if "vera_lambda" in n)
     assert vera_jax.count_trainable(adapted) == peft_count

@@ -307,7 +307,8 @@ def test_iter_dataset_with_steps_per_epoch_counts_epochs(tmp_path):
             vtrain.train_and_evaluate(config, str(tmp_path / "bad"),
                                       dataclasses.replace(tiny.make_task(iter_data=True), steps_per_epoch=bad))
     with pytest.raises(ValueError, match="task.steps_per_epoch: only for an IterDataset .* has 8 steps per epoch"):
-        vtrain.train_and_evaluate(config, str(tmp_path / "map"), dataclasses.replace(tiny.make_task(), steps_per_epoch=8))
+        vtrain.train_and_evaluate(config, str(tmp_path / "map"),
+                                  dataclasses.replace(tiny.make_task(), steps_per_epoch=8))
 
 
 def test_named_evals_run_on_their_own_schedules_and_steps_zero_only_evaluates(tmp_path):
@@ -327,7 +328,8 @@ def test_named_evals_run_on_their_own_schedules_and_steps_zero_only_evaluates(tm
         {"often/accuracy", "final/accuracy", "final/n"}
     only = vtrain.train_and_evaluate(tiny.override(tiny.tiny_config(0), {}), str(tmp_path / "zero"), base)
     assert [(e["eval"], e["step"]) for e in only.summary["evals"]] == [("eval", 0)] and only.summary["steps"] == 0
-    for got, start in zip(jax.tree.leaves(vera_jax.partition(only.adapted)[0]), jax.tree.leaves(vera_jax.partition(base.adapted)[0])):
+    for got, start in zip(jax.tree.leaves(vera_jax.partition(only.adapted)[0]),
+                          jax.tree.leaves(vera_jax.partition(base.adapted)[0])):
         np.testing.assert_array_equal(np.asarray(got), np.asarray(start))
     with pytest.raises(ValueError, match="best_metric: 'other/accuracy' names eval 'other'"):
         vtrain.train_and_evaluate(tiny.override(tiny.tiny_config(2), {"best_metric": "other/accuracy"}),

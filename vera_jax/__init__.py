@@ -42,14 +42,14 @@ from .adapters import (
     partition,
     save_adapter,
 )
-
 from .interop import PeftFormatError, export_merged, load_peft_adapter, save_peft_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
     "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
-    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted", "choose_path", "combine",
+    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted",
+    "choose_path", "combine",
     "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
     "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
     "PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter",

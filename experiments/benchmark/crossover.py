@@ -40,7 +40,7 @@ def crossover(width: int, ranks: list[int], tokens_list: list[int], iters: int, 
                             (x,), iters, warmup)
             row = {"r": r, "tokens": tokens, "width": width, "floor_ms": floor["step_ms"]}
             for path in ("merged", "factored"):
-                def loss(t, x, path=path):
+                def loss(t, x, path=path, frozen=frozen):
                     y = vera_jax.apply_adapted(model, vera_jax.combine(t, frozen), x, path=path)
                     return jnp.mean(y.astype(jnp.float32) ** 2)
 

@@ -73,13 +73,13 @@ def run_peft(cfg: dict, batch: int, seq: int, iters: int, warmup: int, vera_r: i
     eps = torch.zeros(batch, seq, hf_cfg.hidden_size, dtype=tdtype, device=device, requires_grad=True)
     hook = embedding.register_forward_hook(lambda module, args, out: out + eps)
 
-    def floor_step():
+    def floor_step(model=model):
         eps.grad = None
         loss_of(model).backward()
 
     results["peft_floor"] = {**time_steps(floor_step), "trainable": 0}
     hook.remove()
-    model = None  # free the floor model before the PEFT ones
+    model = floor_step = None  # free the floor model (floor_step binds it too) before the PEFT ones
 
     adapters = {
         "peft_vera": peft.VeraConfig(r=vera_r, target_modules=targets, d_initial=0.1, vera_dropout=0.0,

@@ -63,7 +63,8 @@ def _layers_tuple(cls: str, value: Any) -> tuple[int, ...] | None:
     try:
         value = tuple(value)
     except TypeError:
-        raise ValueError(f"{cls}.layers_to_transform: expected None, an int or a sequence of ints, got {value!r}") from None
+        raise ValueError(
+            f"{cls}.layers_to_transform: expected None, an int or a sequence of ints, got {value!r}") from None
     if not value:
         raise ValueError(f"{cls}.layers_to_transform: must not be empty (use None for every layer)")
     return tuple(_check_int(cls, "layers_to_transform", v, 0) for v in value)
@@ -74,7 +75,8 @@ def _in_axes_tuple(cls: str, value: Any) -> tuple[tuple[str, int], ...]:
     try:
         items = tuple((str(k), v) for k, v in items)
     except (TypeError, ValueError):
-        raise ValueError(f"{cls}.kernel_in_axes: expected a mapping pattern -> number of input axes, got {value!r}") from None
+        raise ValueError(
+            f"{cls}.kernel_in_axes: expected a mapping pattern -> number of input axes, got {value!r}") from None
     _as_str_tuple(cls, "kernel_in_axes", [k for k, _ in items], allow_empty=True)
     return tuple(sorted((k, _check_int(cls, "kernel_in_axes", v, 1)) for k, v in items))
 
@@ -189,7 +191,8 @@ class VeraConfig(_Config):
                 raise ValueError(f"{name}.{flag}: expected True or False, got {getattr(self, flag)!r}")
         set_("b_initial", _check_finite(name, "b_initial", self.b_initial))
         if not self.train_b and self.b_initial == 0.0:
-            raise ValueError(f"{name}.b_initial: train_b=False with b_initial=0 keeps the adapter at zero; set b_initial != 0")
+            raise ValueError(
+                f"{name}.b_initial: train_b=False with b_initial=0 keeps the adapter at zero; set b_initial != 0")
         if not (self.train_d or self.train_b):
             raise ValueError(f"{name}.train_d, {name}.train_b: at least one of the vectors must train")
         if self.projection_init not in PROJECTION_INITS:
@@ -244,7 +247,8 @@ class HeadConfig(_Config):
 
     def __post_init__(self):
         object.__setattr__(
-            self, "trainable_extra", _as_str_tuple("HeadConfig", "trainable_extra", self.trainable_extra, allow_empty=False)
+            self, "trainable_extra",
+            _as_str_tuple("HeadConfig", "trainable_extra", self.trainable_extra, allow_empty=False)
         )
 
 
@@ -259,7 +263,8 @@ class FullConfig(_Config):
 
     def __post_init__(self):
         object.__setattr__(
-            self, "trainable_extra", _as_str_tuple("FullConfig", "trainable_extra", self.trainable_extra, allow_empty=True)
+            self, "trainable_extra",
+            _as_str_tuple("FullConfig", "trainable_extra", self.trainable_extra, allow_empty=True)
         )
 
 

@@ -67,7 +67,8 @@ def _plain(params: Params) -> dict:
     if isinstance(params, nnx.State):
         return params.to_pure_dict()
     if not isinstance(params, Mapping):
-        raise TypeError(f"params: expected a Flax params dict, an nnx Module or an nnx State, got {type(params).__name__}")
+        raise TypeError(
+            f"params: expected a Flax params dict, an nnx Module or an nnx State, got {type(params).__name__}")
     return flax.core.unfreeze(nn.meta.unbox(params))
 
 

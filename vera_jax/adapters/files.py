@@ -3,9 +3,9 @@
 The tensors file holds only trained leaves: `adapter/<module path>/lambda_d|lambda_b` (or
 `lora_A|lora_B`; a vector frozen by train_d/train_b=False is rebuilt, not stored),
 `head/<leaf path>` for `trainable_extra` leaves, `base/<leaf path>` for the rest of a fully
-fine-tuned model, and `projections/...` only when `save_projection=True`. The JSON holds the config, the adapted layers and their kernel
-shapes, the projections' fingerprint, the tensors file's SHA-256 and the JAX version that wrote
-it. Never pickle.
+fine-tuned model, and `projections/...` only when `save_projection=True`. The JSON holds the
+config, the adapted layers and their kernel shapes, the projections' fingerprint, the tensors
+file's SHA-256 and the JAX version that wrote it. Never pickle.
 
 Loading rebuilds A and B from the seed and refuses a fingerprint mismatch; any problem (missing
 or corrupt file, layers or shapes that do not fit the given params, missing or unexpected
@@ -108,9 +108,11 @@ def _read_record(directory: Path) -> dict:
     if record.get("format") != FORMAT:
         raise AdapterFileError(f"{config_path} is not a vera_jax adapter (format != {FORMAT!r})")
     if record.get("format_version") != FORMAT_VERSION:
-        raise AdapterFileError(f"{config_path}: format_version {record.get('format_version')!r}, this library reads {FORMAT_VERSION}")
+        raise AdapterFileError(
+            f"{config_path}: format_version {record.get('format_version')!r}, this library reads {FORMAT_VERSION}")
     if record.get("method") not in CONFIG_CLASSES:
-        raise AdapterFileError(f"{config_path}: unknown method {record.get('method')!r}; known: {sorted(CONFIG_CLASSES)}")
+        raise AdapterFileError(
+            f"{config_path}: unknown method {record.get('method')!r}; known: {sorted(CONFIG_CLASSES)}")
     return record
 
 
@@ -141,10 +143,12 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
         found = {s.name: list(s.kernel_shape) for s in fresh.layers}
         diffs = [f"{p}: adapter {saved.get(p, 'absent')}, params {found.get(p, 'absent')}"
                  for p in sorted(set(saved) | set(found)) if saved.get(p) != found.get(p)]
-        raise AdapterFileError(f"adapter at {directory} was trained on other layers or shapes: {'; '.join(diffs) or saved_layers}")
+        raise AdapterFileError(
+            f"adapter at {directory} was trained on other layers or shapes: {'; '.join(diffs) or saved_layers}")
     head = [path_str(p) for p in fresh.extra]
     if record.get("head", []) != head:
-        raise AdapterFileError(f"adapter at {directory}: head leaves {record.get('head')} do not match the params' {head}")
+        raise AdapterFileError(
+            f"adapter at {directory}: head leaves {record.get('head')} do not match the params' {head}")
 
     tensors = adapter_dir.read_tensors(directory, AdapterFileError, "adapter",
                                        expected_sha256=record.get("tensors_sha256", ""))
@@ -155,13 +159,16 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
             stored_projections = {f"projections/{k}" for k in flat_names(fresh.projections)}
             missing = sorted(stored_projections - set(tensors))
             if missing:
-                raise AdapterFileError(f"adapter at {directory}: save_projection=True but tensors {missing} are missing")
+                raise AdapterFileError(
+                    f"adapter at {directory}: save_projection=True but tensors {missing} are missing")
             projections = jax.tree_util.tree_map_with_path(
-                lambda p, _: jnp.asarray(tensors["projections/" + path_str(tuple(k.key for k in p))]), fresh.projections)
+                lambda p, _: jnp.asarray(tensors["projections/" + path_str(tuple(k.key for k in p))]),
+                fresh.projections)
         if fingerprint(projections) != record["projections"]["fingerprint"]:
             source = "stored A/B" if config.save_projection else (
                 f"A/B rebuilt from seed {config.seed} with jax {jax.__version__} (file written with jax "
-                f"{record.get('jax_version')}; a JAX upgrade may change random streams: save with save_projection=True)")
+                f"{record.get('jax_version')}; a JAX upgrade may change random streams: "
+                "save with save_projection=True)")
             raise AdapterFileError(f"adapter at {directory}: projection fingerprint mismatch for the {source}")
 
     expected = _trained_leaves(fresh)
@@ -171,7 +178,8 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
         raise AdapterFileError(f"adapter at {directory}: missing tensors {missing}, unexpected tensors {unexpected}")
     for name, (_, _, ref) in expected.items():
         if tuple(tensors[name].shape) != tuple(np.shape(ref)):
-            raise AdapterFileError(f"adapter at {directory}: tensor {name} has shape {tensors[name].shape}, expected {np.shape(ref)}")
+            raise AdapterFileError(
+                f"adapter at {directory}: tensor {name} has shape {tensors[name].shape}, expected {np.shape(ref)}")
 
     dtypes = record.get("dtypes", {})
     trees = {"adapter": jax.tree.map(lambda x: x, fresh.adapter), "base": jax.tree.map(lambda x: x, fresh.base)}

@@ -56,7 +56,8 @@ def _pair(key: jax.Array, r: int, n_in: int, n_out: int, init: str) -> dict[str,
     return {"A": _draw(key_a, (r, n_in), init), "B": _draw(key_b, (n_out, r), init)}
 
 
-def make_projections(seed: int, r: int, in_max: int, out_max: int, init: str = "kaiming_uniform") -> dict[str, jax.Array]:
+def make_projections(seed: int, r: int, in_max: int, out_max: int,
+                     init: str = "kaiming_uniform") -> dict[str, jax.Array]:
     """A (r, in_max) and B (out_max, r), float32, from one seed (traceable: works under jit,
     eval_shape and inside a mesh; the values never depend on the sharding)."""
     with jax.threefry_partitionable(True):

@@ -46,7 +46,8 @@ def optax_labels(adapted: Adapted) -> Adapted:
     for `trainable_extra` leaves, "full" for the base under full fine-tuning, None elsewhere."""
     return adapted.replace(
         base=_label_base(adapted),
-        adapter=jax.tree_util.tree_map_with_path(lambda path, _: _adapter_label(adapted, path[-1].key), adapted.adapter),
+        adapter=jax.tree_util.tree_map_with_path(lambda path, _: _adapter_label(adapted, path[-1].key),
+                                                 adapted.adapter),
         projections=jax.tree.map(lambda _: None, adapted.projections),
     )
 

@@ -108,7 +108,8 @@ def find_targets(params: Mapping, config) -> tuple[LayerSpec, ...]:
     return tuple(specs)
 
 
-def find_extra(params: Mapping, patterns: tuple[str, ...], field: str = "trainable_extra") -> tuple[tuple[Hashable, ...], ...]:
+def find_extra(params: Mapping, patterns: tuple[str, ...],
+               field: str = "trainable_extra") -> tuple[tuple[Hashable, ...], ...]:
     """Leaf paths under any module matching one of `patterns` (e.g. every leaf of `classifier`)."""
     if not patterns:
         return ()
@@ -117,5 +118,6 @@ def find_extra(params: Mapping, patterns: tuple[str, ...], field: str = "trainab
     chosen = {m for m in modules if any(matches(p, path_str(m)) for p in patterns)}
     leaves = tuple(path for path in paths if any(path[:k] in chosen for k in range(1, len(path))))
     if not leaves:
-        raise ValueError(f"{field}: {list(patterns)} matched no module. Modules: {abbreviate(path_str(m) for m in modules)}")
+        raise ValueError(
+            f"{field}: {list(patterns)} matched no module. Modules: {abbreviate(path_str(m) for m in modules)}")
     return leaves

@@ -116,7 +116,8 @@ def _parse_label(task: GlueTask, value: str, where: str):
 def read_tsv(path: str, task: GlueTask) -> Split:
     """Examples of one GLUE TSV file (the task's own column layout)."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"{path}: no such file (expected the GLUE layout <dir>/{task.dir_name}/train.tsv, dev.tsv)")
+        raise FileNotFoundError(
+            f"{path}: no such file (expected the GLUE layout <dir>/{task.dir_name}/train.tsv, dev.tsv)")
     text_a, text_b, labels = [], [], []
     with open(path, encoding="utf-8-sig", newline="") as f:
         lines = f.read().split("\n")
@@ -216,6 +217,7 @@ def tokenize(split: Split, tokenizer, max_length: int) -> dict[str, list[np.ndar
     """Ragged token ids per example (pairs as the tokenizer joins them, truncated longest-first to
     `max_length`): {"input_ids": [...], "token_type_ids": [...]} of int32 arrays."""
     kwargs = dict(truncation=True, max_length=max_length, return_token_type_ids=True, return_attention_mask=False)
-    enc = tokenizer(split.text_a, split.text_b, **kwargs) if split.text_b is not None else tokenizer(split.text_a, **kwargs)
+    enc = (tokenizer(split.text_a, split.text_b, **kwargs) if split.text_b is not None
+           else tokenizer(split.text_a, **kwargs))
     return {k: [np.asarray(x, np.int32) for x in enc[k]] for k in ("input_ids", "token_type_ids")}
 

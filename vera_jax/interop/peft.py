@@ -47,7 +47,16 @@ from vera_jax.adapters.core import Adapted
 from vera_jax.adapters.directory import CONFIG_FILE, TENSORS_FILE
 from vera_jax.adapters.files import AdapterFileError
 from vera_jax.interop.layout import (
-    COPY, FUSED, TRANSPOSE, HFLayout, from_hf, hf_layout, module_names, read_hf_config, to_hf)
+    COPY,
+    FUSED,
+    TRANSPOSE,
+    HFLayout,
+    from_hf,
+    hf_layout,
+    module_names,
+    read_hf_config,
+    to_hf,
+)
 from vera_jax.tree import flatten
 
 PREFIX = "base_model.model."

@@ -17,6 +17,9 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
+# The generation loops live in `generate`; these names stay importable here for existing callers.
+from vera_jax.models.generate import beam_search, greedy  # noqa: F401
+
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 
@@ -85,6 +88,3 @@ def attend(query, key, value, bias, scale: float, dropout: Callable[[jax.Array],
     out = jnp.einsum("bkgts,bskd->btkgd", dropout(probs), value)
     return out.reshape(batch, length, heads * head_dim)
 
-
-# The generation loops live in `generate`; these names stay importable here for existing callers.
-from vera_jax.models.generate import beam_search, greedy  # noqa: F401

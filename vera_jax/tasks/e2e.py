@@ -117,7 +117,8 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
             json.dump(metrics, f, indent=2)
 
     examples = [{"ids": prompts[i], "index": np.int32(i)} for i in order]
-    evaluation = Eval(grain.MapDataset.source(examples), eval_fn, lambda out: nlg.score_e2e(predictions(out), data["refs"]),
+    evaluation = Eval(grain.MapDataset.source(examples), eval_fn,
+                      lambda out: nlg.score_e2e(predictions(out), data["refs"]),
                       every=config.eval_every, collate=prompt_collate, lengths=[len(prompts[i]) for i in order],
                       write_fn=write_fn, on_adapted=True)
     info = {"train_pairs": len(train), "train_source": data["train"].source, "eval_mrs": len(prompts),

@@ -27,7 +27,8 @@ import numpy as np
 import optax
 from flax import struct
 from jax.experimental import multihost_utils
-from jax.sharding import NamedSharding, PartitionSpec as P
+from jax.sharding import NamedSharding
+from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import vera_jax
@@ -305,7 +306,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                                                     config.data_threads, collate=ev.collate or task.collate,
                                                     lengths=ev.lengths):
             out = eval_steps[name](state.trainable, frozen, mesh_lib.global_batch(local, batch_sh))
-            outputs.append(jax.tree.map(lambda x: np.asarray(x)[:n_valid], out))
+            outputs.append(jax.tree.map(lambda x, n_valid=n_valid: np.asarray(x)[:n_valid], out))
         merged_out = jax.tree.map(lambda *xs: np.concatenate(xs), *outputs)
         return {k: float(v) for k, v in ev.metrics_fn(merged_out).items()}, merged_out
 
