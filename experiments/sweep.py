@@ -126,13 +126,15 @@ def run_local(config, workers: int = 1) -> dict:
     runs = expand(config)
     todo = [r for r in runs if not is_finished(r)]
     counts = {"total": len(runs), "skipped": len(runs) - len(todo), "finished": 0, "failed": 0}
-    print(f"sweep {config.root}: {len(runs)} runs, {counts['skipped']} already finished, {len(todo)} to run", flush=True)
+    print(f"sweep {config.root}: {len(runs)} runs, {counts['skipped']} already finished, {len(todo)} to run",
+          flush=True)
     Path(config.root).mkdir(parents=True, exist_ok=True)
     with concurrent.futures.ThreadPoolExecutor(max_workers=max(1, workers)) as pool:
         for i, (run, code, seconds) in enumerate(pool.map(lambda r: _execute(config, r), todo), 1):
             ok = code == 0 and is_finished(run)
             counts["finished" if ok else "failed"] += 1
-            print(f"[{i}/{len(todo)}] {'done' if ok else f'FAILED (exit {code})'} {run.name} ({seconds:.0f} s)", flush=True)
+            status = "done" if ok else f"FAILED (exit {code})"
+            print(f"[{i}/{len(todo)}] {status} {run.name} ({seconds:.0f} s)", flush=True)
             if not ok:
                 with open(Path(config.root) / FAILURES, "a") as f:
                     f.write(json.dumps({"run": run.name, "exit_code": code, "log": str(run.workdir / "sweep.log"),
@@ -260,7 +262,8 @@ def main(argv=None) -> int:
     p_cmd.add_argument("--python", default="python", help="interpreter on the target machine")
     p_rep = sub.add_parser("report", help="median over seeds of the best-epoch metrics (markdown + CSV)")
     p_rep.add_argument("sweep")
-    p_rep.add_argument("--plot-x", default="", help="swept key(s) to plot the median metric against (e.g. vera.r,lora.r)")
+    p_rep.add_argument("--plot-x", default="",
+                       help="swept key(s) to plot the median metric against (e.g. vera.r,lora.r)")
     args = parser.parse_args(argv)
     config = load_sweep(args.sweep)
     if args.action == "run":

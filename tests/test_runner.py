@@ -47,7 +47,8 @@ def toy_make_parts(config, model, data) -> runner.Parts:
                                   deterministic=deterministic, rngs=None if rng is None else {"dropout": rng})
 
     def loss_fn(params, batch, rng):
-        return optax.softmax_cross_entropy_with_integer_labels(logits(params, batch, False, rng), batch["label"]).mean(), {}
+        out = logits(params, batch, False, rng)
+        return optax.softmax_cross_entropy_with_integer_labels(out, batch["label"]).mean(), {}
 
     def eval_fn(params, batch):
         return {"hit": logits(params, batch, True).argmax(-1) == batch["label"]}

@@ -104,7 +104,8 @@ def test_commands_for_shell_and_tpu(tmp_path, capsys):
     [line] = sweep.emit(c, "shell")
     assert line.startswith("python -m fake_experiment --config=configs/whatever.py") and "--config.seed=0" in line
     [tpu] = sweep.emit(c, "tpu", tpu="my-tpu", zone="us-central2-b")
-    assert tpu.startswith("gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all --command='python -m")
+    assert tpu.startswith(
+        "gcloud compute tpus tpu-vm ssh my-tpu --zone=us-central2-b --worker=all --command='python -m")
     with pytest.raises(ValueError, match="--format tpu needs --tpu NAME and --zone ZONE"):
         sweep.emit(c, "tpu")
     with pytest.raises(ValueError, match=r"--format: 'slurm' is not one of"):
