@@ -23,7 +23,7 @@ import jax.numpy as jnp
 import vera_jax
 from vera_jax import train
 from vera_jax.models import hub
-from vera_jax.train.trainer import _make_train_step
+from vera_jax.train import make_train_step
 
 from .shapes import FAMILY, cross_entropy, hidden_size, make_batch
 from .timing import measure
@@ -76,7 +76,7 @@ def trainer_step(model: nn.Module, adapted: vera_jax.Adapted, path: str, dtype: 
     task = train.Task(adapted=adapted, loss_fn=loss_fn, train_data=None)
     tx, schedules = train.make_optimizer(config.optimizer, vera_jax.optax_labels(adapted), total_steps=1)
     mesh = train.make_mesh(config.mesh)
-    step = _make_train_step(task, config, tx, schedules, mesh, tuple(config.mesh.batch_axes))
+    step = make_train_step(task, config, tx, schedules, mesh, tuple(config.mesh.batch_axes))
     trainable, frozen = vera_jax.partition(adapted)
     trainable = jax.tree.map(jnp.copy, trainable)  # donated with the state; keep the caller's params alive
     state = train.TrainState(step=jnp.zeros((), jnp.int32), trainable=trainable, opt_state=tx.init(trainable),

@@ -41,7 +41,7 @@ from .optim import make_optimizer
 from .task import PREEMPTED_EXIT_CODE, Eval, NonFiniteLossError, Preempted, Task, TrainResult
 
 __all__ = ["PREEMPTED_EXIT_CODE", "Eval", "NonFiniteLossError", "Preempted", "Task", "TrainResult",
-           "TrainState", "call_model_fn", "train_and_evaluate"]
+           "TrainState", "call_model_fn", "make_train_step", "train_and_evaluate"]
 
 
 @struct.dataclass
@@ -132,7 +132,9 @@ def _validate(config, task: Task) -> None:
                            "before any JAX computation (before building the task)")
 
 
-def _make_train_step(task: Task, config, tx, schedules, mesh, batch_axes):
+def make_train_step(task: Task, config, tx, schedules, mesh, batch_axes):
+    """The trainer's update step, (state, frozen, batch) -> (state, metrics), before jit: what
+    `train_and_evaluate` runs, for benchmarks that time the real step."""
     accum = int(config.grad_accum_steps)
 
     def loss_on(trainable, frozen, batch, rng):
@@ -263,7 +265,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                        rng=jax.random.PRNGKey(config.seed))
     state = jax.device_put(state, state_sh)
 
-    train_step = jax.jit(_make_train_step(task, config, tx, schedules, mesh, batch_axes),
+    train_step = jax.jit(make_train_step(task, config, tx, schedules, mesh, batch_axes),
                          in_shardings=(state_sh, frozen_sh, batch_sh), out_shardings=(state_sh, repl),
                          donate_argnums=(0,))
     evals = task.all_evals()
