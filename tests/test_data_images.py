@@ -132,7 +132,7 @@ def test_tfds_offline_fails_fast_naming_folder_and_data_dir(tmp_path, monkeypatc
         images.load("cifar100", k=1, seed=0, process=SMALL, tfds_data_dir=str(tmp_path))
     with pytest.raises(DataUnavailableError, match="manual download"):
         images.load("resisc45", k=1, seed=0, process=SMALL, tfds_data_dir=str(tmp_path))
-    with pytest.raises(ValueError, match="data.dataset: 'svhn'.*data.dir"):
+    with pytest.raises(images.ImageDataError, match="data.dataset: 'svhn'.*data.dir"):
         images.load("svhn", k=1, seed=0, process=SMALL)
 
 

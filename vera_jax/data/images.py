@@ -143,7 +143,7 @@ def kshot_indices(labels: np.ndarray, k: int, seed: int, class_names: tuple[str,
     seeded permutation of the split (so every method at one seed trains on the same images, and a
     larger k keeps the smaller k's images)."""
     if k < 1:
-        raise ValueError(f"data.k: images per class must be >= 1, got {k}")
+        raise ImageDataError(f"data.k: images per class must be >= 1, got {k}")
     labels = np.asarray(labels)
     counts = np.bincount(labels, minlength=len(class_names))
     short = [(n, int(counts[c])) for c, n in enumerate(class_names) if counts[c] < k]
@@ -257,7 +257,7 @@ def load(dataset: str, *, k: Optional[int], seed: int, process: Callable, data_d
         train = read_tfds(dataset, spec.train_split, **load_kw)
         evaluation = read_tfds(dataset, spec.eval_split, **load_kw) if spec.eval_split else None
     else:
-        raise ValueError(f"data.dataset: {dataset!r} is not a tfds dataset this reads ({sorted(DATASETS)}); "
+        raise ImageDataError(f"data.dataset: {dataset!r} is not a tfds dataset this reads ({sorted(DATASETS)}); "
                          "for any other, set data.dir to an image folder <root>/<split>/<class name>/<image>")
     indices = np.arange(len(train)) if k is None else kshot_indices(train.labels, k, seed, train.class_names)
     if evaluation is None:
