@@ -1,45 +1,21 @@
 """Adapter bank and batched per-row forward: a mixed batch equals each adapter merged and run alone."""
 
-import flax.linen as nn
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-import transformers
+from _serving_tiny import FAMILIES, random_vera, tiny
 
 import vera_jax
 from vera_jax.interop import save_peft_adapter
-from vera_jax.models import generate, gpt2, llama
+from vera_jax.models import generate
 from vera_jax.serving import BASE, AdapterBank, AdapterRefused, BankDecoder, rows_for
 
 PAD = 1
 NEW = 6
-FAMILIES = {
-    "gpt2": (gpt2, transformers.GPT2Config(
-        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.3)),
-    "llama": (llama, transformers.LlamaConfig(
-        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
-        vocab_size=100, initializer_range=0.3, rope_theta=500.0)),
-}
 # name -> (targets, seed, r): a and b share A/B (same seed, rank and shapes) with different layers,
 # c has another seed and d another rank, so the bank holds three groups.
 ADAPTERS = {"a": (("query", "value"), 0, 8), "b": (("query",), 0, 8), "c": (("query", "value"), 7, 8),
             "d": (("key", "value"), 0, 4)}
-
-
-def tiny(name):
-    family, config = FAMILIES[name]
-    model = family.build(config.to_dict())
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
-    return model, params, config.to_dict()
-
-
-def random_vera(params, targets, seed, r, key):
-    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=r, targets=targets, seed=seed))
-    leaves, treedef = jax.tree.flatten(adapted.adapter)
-    keys = jax.random.split(jax.random.key(key), len(leaves))
-    return adapted.replace(adapter=jax.tree.unflatten(
-        treedef, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
 
 
 @pytest.fixture(scope="module", params=list(FAMILIES))

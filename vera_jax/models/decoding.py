@@ -7,7 +7,9 @@ A model call with a cache writes its `T` new keys/values at slots
 `[cache["index"], cache["index"] + T)` and attends over all cache slots; the
 attention mask then covers the whole cache, shape `(batch, max_length)`, so
 left- and right-padded prompts both work: masked slots are never attended and
-position ids count only unmasked slots.
+position ids count only unmasked slots. `cache["index"]` is a scalar (every row at the same
+slot, as the generation loops use it) or one index per row, shape `(batch,)` (a serving
+engine's slots, each at its own length).
 """
 
 from __future__ import annotations
@@ -57,22 +59,24 @@ def attention_inputs(input_ids, attention_mask, position_ids, cache):
                 f"attention_mask has shape {attention_mask.shape}, expected {(batch, keys)}"
                 + (" (with a cache the mask covers every cache slot)" if cache is not None else ""))
         mask = attention_mask.astype(bool)
-    query_slots = start + jnp.arange(length)
-    causal = jnp.arange(keys)[None, :] <= query_slots[:, None]
-    bias = jnp.where(causal[None] & mask[:, None, :], 0.0, MASK_VALUE)[:, None]
+    query_slots = jnp.broadcast_to(jnp.reshape(start, (-1, 1)) + jnp.arange(length), (batch, length))
+    causal = jnp.arange(keys)[None, None, :] <= query_slots[:, :, None]
+    bias = jnp.where(causal & mask[:, None, :], 0.0, MASK_VALUE)[:, None]
     if position_ids is None:
-        position_ids = jnp.take(positions_from_mask(mask), query_slots, axis=1)
+        position_ids = jnp.take_along_axis(positions_from_mask(mask), jnp.minimum(query_slots, keys - 1), axis=1)
     return bias.astype(jnp.float32), position_ids
 
 
 def update_cache(layer_cache, index, key, value):
-    """Writes key/value (batch, T, kv, hd) at `index`; returns the new layer cache."""
-    start = (0, index, 0, 0)
-    return {
-        "key": jax.lax.dynamic_update_slice(layer_cache["key"], key.astype(layer_cache["key"].dtype), start),
-        "value": jax.lax.dynamic_update_slice(
-            layer_cache["value"], value.astype(layer_cache["value"].dtype), start),
-    }
+    """Writes key/value (batch, T, kv, hd) at `index` (a scalar, or one per row); returns the new
+    layer cache."""
+    def write(cache, new):
+        new = new.astype(cache.dtype)
+        if jnp.ndim(index) == 0:
+            return jax.lax.dynamic_update_slice(cache, new, (0, index, 0, 0))
+        return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache, new, index)
+
+    return {"key": write(layer_cache["key"], key), "value": write(layer_cache["value"], value)}
 
 
 def attend(query, key, value, bias, scale: float, dropout: Callable[[jax.Array], jax.Array]):

@@ -30,7 +30,6 @@ import threading
 from pathlib import Path
 from typing import Any
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -102,8 +101,9 @@ def check_servable(adapted: Adapted, where: str) -> None:
         raise AdapterRefused(f"{where}: method {adapted.method!r} is refused; the bank serves VeRA adapters "
                              "(two vectors per layer on shared projections)")
     if adapted.extra:
-        raise AdapterRefused(f"{where}: it trains base leaves (trainable_extra {list(adapted.config.trainable_extra)}); "
-                             "a per-adapter head cannot share the one base")
+        extra = list(adapted.config.trainable_extra)
+        raise AdapterRefused(f"{where}: it trains base leaves (trainable_extra {extra}); a per-adapter head "
+                             "cannot share the one base")
     if not adapted.config.share_projections:
         raise AdapterRefused(f"{where}: share_projections=False gives each layer its own A/B; the bank batches "
                              "adapters on one shared pair")
@@ -177,7 +177,8 @@ class AdapterBank:
                 group = self._grown(group)
                 row = group.free_row()
             for layer in group.layers:
-                d, b = vectors.get(layer.name, (np.zeros(group.r, np.float32), np.zeros(layer.out_features, np.float32)))
+                zeros = (np.zeros(group.r, np.float32), np.zeros(layer.out_features, np.float32))
+                d, b = vectors.get(layer.name, zeros)
                 group.d[layer.name] = group.d[layer.name].at[row].set(d)
                 group.b[layer.name] = group.b[layer.name].at[row].set(b)
             group.rows[name] = row
@@ -286,9 +287,9 @@ class AdapterBank:
             groups = []
             for g in self._groups.values():
                 stacked = sum(x.nbytes for x in (*g.d.values(), *g.b.values()))
+                shared = sum(x.nbytes for x in g.projections.values())
                 groups.append({"group": g.key[:12], "r": g.r, "adapters": len(g.rows), "capacity": g.capacity,
-                               "layers": len(g.layers), "projection_bytes": int(sum(x.nbytes for x in g.projections.values())),
-                               "stacked_bytes": int(stacked)})
+                               "layers": len(g.layers), "projection_bytes": int(shared), "stacked_bytes": int(stacked)})
             return {"adapters": len(self._info), "groups": groups,
                     "bytes_per_adapter": {n: i.bytes for n, i in self._info.items()}}
 

@@ -19,7 +19,6 @@ from __future__ import annotations
 import dataclasses
 
 import flax.linen as nn
-import jax
 import jax.numpy as jnp
 
 
@@ -62,7 +61,7 @@ class BankDecoder:
             spec = fns[0][0]
             x = args[0]
             x = x.reshape(x.shape[: x.ndim - spec.in_axes] + (spec.in_features,))
-            total = sum(fn(x) for _, fn in fns)
+            total = sum(per_row_term(x, *operands) for _, *operands in fns)
             return out + total.reshape(out.shape).astype(out.dtype)
 
         with nn.intercept_methods(interceptor):
@@ -70,7 +69,7 @@ class BankDecoder:
                                     cache=cache)
 
     def _layer_terms(self, groups, rows, batch: int) -> dict:
-        """layer path -> [(spec, x -> term)], one entry per group adapting that layer."""
+        """layer path -> [(spec, A_l, B_l, d stack, b stack, ids)], one entry per group adapting it."""
         if len(groups) != len(self.structure):
             raise ValueError(f"params: {len(groups)} groups, but the decoder was built for {len(self.structure)}")
         if self.structure and (rows is None or rows.shape != (batch, len(self.structure))):
@@ -80,10 +79,8 @@ class BankDecoder:
         for g, ((_, layers), arrays) in enumerate(zip(self.structure, groups)):
             ids = rows[:, g]
             for spec in layers:
-                a = arrays["A"][:, : spec.in_features]
-                b_proj = arrays["B"][: spec.out_features, :]
-                fn = (lambda x, a=a, bp=b_proj, d=arrays["d"][spec.name], b=arrays["b"][spec.name], ids=ids:
-                      per_row_term(x, a, bp, d, b, ids))
-                terms.setdefault(spec.path, []).append((spec, fn))
+                terms.setdefault(spec.path, []).append((
+                    spec, arrays["A"][:, : spec.in_features], arrays["B"][: spec.out_features, :],
+                    arrays["d"][spec.name], arrays["b"][spec.name], ids))
         return terms
 

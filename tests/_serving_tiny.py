@@ -1,0 +1,74 @@
+"""Tiny GPT-2 / LLaMA models, random VeRA adapters and a word-level tokenizer for the serving tests."""
+
+from __future__ import annotations
+
+import json
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import transformers
+
+import vera_jax
+from vera_jax.models import generate, gpt2, llama
+
+EOS = 2
+FAMILIES = {
+    "gpt2": (gpt2, transformers.GPT2Config(
+        n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.3,
+        bos_token_id=EOS, eos_token_id=EOS)),
+    "llama": (llama, transformers.LlamaConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=100, initializer_range=0.3, rope_theta=500.0, max_position_embeddings=64,
+        bos_token_id=EOS, eos_token_id=EOS)),
+}
+CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
+
+
+def tiny(name):
+    """(model, params, hf_config dict) of a 2-layer random model."""
+    family, config = FAMILIES[name]
+    model = family.build(config.to_dict())
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    return model, params, config.to_dict()
+
+
+def random_vera(params, targets, seed, r, key):
+    """A VeRA adapter with random d and b, so it changes the outputs."""
+    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=r, targets=targets, seed=seed))
+    leaves, treedef = jax.tree.flatten(adapted.adapter)
+    keys = jax.random.split(jax.random.key(key), len(leaves))
+    return adapted.replace(adapter=jax.tree.unflatten(
+        treedef, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+
+
+def word_tokenizer():
+    """A fast tokenizer over "<unk> <pad> </s> w3 ... w99" (one word per id), with a chat template."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    vocab = {"<unk>": 0, "<pad>": 1, "</s>": EOS, **{f"w{i}": i for i in range(3, 100)}}
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
+                                               eos_token="</s>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def save_checkpoint(directory, name, params, hf_config) -> None:
+    """An HF checkpoint directory (config.json, model.safetensors, tokenizer) that from_pretrained reads."""
+    from safetensors.numpy import save_file
+
+    family, _ = FAMILIES[name]
+    directory.mkdir(parents=True, exist_ok=True)
+    tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in family.params_to_hf(params, hf_config).items()}
+    save_file(tensors, str(directory / "model.safetensors"))
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    word_tokenizer().save_pretrained(str(directory))
+
+
+def alone(model, params, prompt, max_tokens, eos=EOS):
+    """Greedy tokens of one prompt by generate.greedy, cut after the first EOS."""
+    out = np.asarray(generate.greedy(model, params, np.asarray([prompt]), None, max_tokens, eos, 1))[0].tolist()
+    return out[: out.index(eos) + 1] if eos in out else out
