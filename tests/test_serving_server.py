@@ -1,0 +1,162 @@
+"""The OpenAI-compatible server, started by its CLI on 127.0.0.1 and driven by the official
+`openai` client: a concurrent burst over 3 adapters and the base equals each merged alone."""
+
+import concurrent.futures
+import os
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+import numpy as np
+import pytest
+from _serving_tiny import alone, random_vera, save_checkpoint, tiny, word_tokenizer
+
+import vera_jax
+from vera_jax.interop import save_peft_adapter
+from vera_jax.serving import BASE
+
+openai = pytest.importorskip("openai")
+ADAPTERS = {"a": (("query", "value"), 0, 8), "b": (("value",), 3, 8), "c": (("query", "value"), 5, 4),
+            "late": (("key", "value"), 0, 8)}
+MAX_LENGTH = 48
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory):
+    """(base url, model, params, adapters, root); the server process is stopped afterwards."""
+    root = tmp_path_factory.mktemp("serving")
+    model, params, hf_config = tiny("llama")
+    save_checkpoint(root / "ckpt", "llama", params, hf_config)
+    adapters = {}
+    for i, (name, spec) in enumerate(ADAPTERS.items()):
+        adapters[name] = random_vera(params, *spec, key=30 + i)
+        if name == "c":
+            save_peft_adapter(root / name, adapters[name], hf_config)
+        else:
+            vera_jax.save_adapter(root / name, adapters[name])
+    port = free_port()
+    cmd = [sys.executable, "-m", "vera_jax.serving", "--checkpoint", str(root / "ckpt"), "--host", "127.0.0.1",
+           "--port", str(port), "--slots", "4", "--max-length", str(MAX_LENGTH), "--max-tokens", "5"]
+    for name in ("a", "b", "c"):
+        cmd += ["--adapter", f"{name}={root / name}"]
+    log = open(root / "server.log", "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "JAX_PLATFORMS": "cpu"})
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 240
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"server exited {proc.returncode}: {(root / 'server.log').read_text()[-3000:]}")
+            try:
+                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                pytest.fail(f"server not up in 240 s: {(root / 'server.log').read_text()[-3000:]}")
+            time.sleep(1)
+        yield url, model, params, adapters, root
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+        log.close()
+
+
+def client(url):
+    return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=180)
+
+
+def reference(model, params, adapters, name, ids, max_tokens):
+    return alone(model, params if name == BASE else vera_jax.merge(adapters[name]), ids, max_tokens)
+
+
+def test_models_lists_the_base_and_every_adapter(server):
+    url = server[0]
+    listed = {m.id: m for m in client(url).models.list().data}
+    assert set(listed) == {BASE, "a", "b", "c"}
+    assert listed["a"].model_extra["bytes"] == 2 * (8 + 32) * 4 + 2 * (8 + 16) * 4   # query 32 wide, value 16
+
+
+def test_concurrent_burst_is_token_identical_to_each_adapter_merged_alone(server):
+    url, model, params, adapters, _ = server
+    rng = np.random.RandomState(0)
+    names = [BASE, "a", "b", "c"] * 4
+    jobs = [(name, rng.randint(3, 100, rng.randint(2, 10)).tolist(), int(rng.randint(2, 8))) for name in names]
+    api = client(url)
+
+    def ask(job):
+        name, ids, max_tokens = job
+        prompt = ids if len(ids) % 2 else " ".join(f"w{t}" for t in ids)     # token ids or text
+        return api.completions.create(model=name, prompt=prompt, max_tokens=max_tokens, temperature=0)
+
+    with concurrent.futures.ThreadPoolExecutor(8) as pool:
+        answers = list(pool.map(ask, jobs))
+    tok = word_tokenizer()
+    for (name, ids, max_tokens), answer in zip(jobs, answers):
+        expected = reference(model, params, adapters, name, ids, max_tokens)
+        choice = answer.choices[0]
+        assert choice.model_extra["token_ids"] == expected, (name, ids)
+        assert choice.text == tok.decode(expected, skip_special_tokens=True)
+        assert answer.model == name and answer.usage.prompt_tokens == len(ids)
+
+
+def test_chat_completion_uses_the_tokenizers_chat_template(server):
+    url, model, params, adapters, _ = server
+    messages = [{"role": "user", "content": "w5 w6 w7"}]
+    ids = word_tokenizer().apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+    ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+    answer = client(url).chat.completions.create(model="b", messages=messages, max_tokens=4, temperature=0)
+    assert answer.choices[0].model_extra["token_ids"] == reference(model, params, adapters, "b", ids, 4)
+    assert answer.choices[0].message.role == "assistant"
+
+
+def test_bad_requests_get_errors_naming_the_problem_and_the_server_stays_up(server):
+    url, *_ , root = server
+    api = client(url)
+    with pytest.raises(openai.NotFoundError, match="known: \\['base', 'a', 'b', 'c'\\]"):
+        api.completions.create(model="nope", prompt=[5, 6], max_tokens=2)
+    with pytest.raises(openai.BadRequestError, match="prompt: 46 tokens \\+ max_tokens 5 exceed the context of 48"):
+        api.completions.create(model="a", prompt=list(range(3, 49)), max_tokens=5)
+    with pytest.raises(openai.BadRequestError, match="stream"):
+        api.completions.create(model="a", prompt=[5], max_tokens=2, stream=True)
+    bad_json = httpx.post(f"{url}/v1/completions", content=b'{"model": "a", "prompt": [5,', timeout=30,
+                          headers={"content-type": "application/json"})
+    assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
+    bad_field = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": [5], "max_tokens": "many"},
+                           timeout=30)
+    assert bad_field.status_code == 422 and bad_field.json()["error"]["param"] == "max_tokens"
+    missing = httpx.post(f"{url}/v1/chat/completions", json={"model": "a"}, timeout=30)
+    assert missing.status_code == 422 and missing.json()["error"]["param"] == "messages"
+    params = tiny("llama")[1]
+    vera_jax.save_adapter(root / "lora", vera_jax.apply_lora(params, vera_jax.LoraConfig(r=2, targets=("value",))))
+    refused = httpx.post(f"{url}/v1/adapters", json={"name": "lora", "path": str(root / "lora")}, timeout=60)
+    assert refused.status_code == 400 and "method 'lora' is refused" in refused.json()["error"]["message"]
+    nowhere = httpx.post(f"{url}/v1/adapters", json={"name": "x", "path": str(root / "missing")}, timeout=60)
+    assert nowhere.status_code == 400 and "not an adapter directory" in nowhere.json()["error"]["message"]
+    assert httpx.get(f"{url}/health", timeout=30).json()["status"] == "ok"
+    assert api.completions.create(model="a", prompt=[5, 6], max_tokens=2, temperature=0).choices[0].text
+
+
+def test_adapters_load_and_unload_at_run_time(server):
+    url, model, params, adapters, root = server
+    api = client(url)
+    loaded = httpx.post(f"{url}/v1/adapters", json={"name": "late", "path": str(root / "late")}, timeout=120)
+    assert loaded.status_code == 200 and loaded.json()["name"] == "late"
+    assert "late" in {m.id for m in api.models.list().data}
+    answer = api.completions.create(model="late", prompt=[9, 10, 11], max_tokens=5, temperature=0)
+    assert answer.choices[0].model_extra["token_ids"] == reference(model, params, adapters, "late", [9, 10, 11], 5)
+    assert httpx.delete(f"{url}/v1/adapters/late", timeout=30).status_code == 200
+    with pytest.raises(openai.NotFoundError):
+        api.completions.create(model="late", prompt=[9], max_tokens=2)
+    assert httpx.delete(f"{url}/v1/adapters/late", timeout=30).status_code == 404
