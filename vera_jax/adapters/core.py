@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx, struct
 
+from ..quant import is_quantized
 from ..tree import get_path, set_path
 from . import targets as targets_lib
 from .config import FullConfig, HeadConfig, LoraConfig, VeraConfig
@@ -152,13 +153,19 @@ def layer_delta(adapted: Adapted, spec: LayerSpec) -> jax.Array:
 
 def merge(adapted: Adapted) -> Params:
     """Plain params with every adapted kernel replaced by W0 + delta (added in float32, cast back
-    to the kernel's dtype). Pure and jit-friendly: call it inside the jitted step."""
+    to the kernel's dtype). Pure and jit-friendly: call it inside the jitted step. A quantized
+    kernel (`vera_jax.quant`) is never merged into: ValueError naming the layer."""
     if not isinstance(adapted, Adapted):
         raise TypeError(f"merge: expected an Adapted tree, got {type(adapted).__name__}")
     out = jax.tree.map(lambda x: x, adapted.base)
     for spec in adapted.layers:
         module = dict(get_path(out, spec.path))
         w0 = module["kernel"]
+        if is_quantized(w0):
+            raise ValueError(
+                f"merge: layer {spec.name} has a quantized kernel ({w0.method}); merging W0 + delta into it would "
+                "round the adapter's update onto the quantized grid, and frozen means frozen. Use "
+                "path='factored' or 'auto' (both factor quantized layers).")
         delta = layer_delta(adapted, spec).reshape(spec.kernel_shape)
         module["kernel"] = (w0.astype(jnp.float32) + delta).astype(w0.dtype)
         set_path(out, spec.path, module)

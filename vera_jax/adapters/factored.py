@@ -9,6 +9,10 @@ Factored: add the low-rank term to the layer's output, without building W0 + del
 Auto: per layer, merged or factored by the cost model (`cost.py`) for the token count the layer
 sees; a merged layer runs an unbound copy of its own module on W0 + delta.
 
+Quantized kernels (`vera_jax.quant`): every path runs them dequantized per call; an adapted one is
+always factored (never merged into, `merge` refuses), its term computed and added in float32 so
+small updates are not rounded away.
+
 The model is not rewritten: `flax.linen.intercept_methods` sees every module call, and the ones
 whose scope path is an adapted layer's param path are handled. The input is the call's first
 argument, flattened over the kernel's input axes (DenseGeneral contracts the trailing axes).
@@ -25,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from .. import quant
 from ..tree import get_path, path_str
 from .core import Adapted, layer_delta, layer_projections, merge
 from .cost import choose_path
@@ -82,8 +87,10 @@ def call_adapted(
             "(it works for every model)" + (" and dropout=0 or dropout_rng=None" if dropout else "") + "."
         )
     if not adapted.layers or (path == "merged" and not dropout):
-        return fn(transform(merge(adapted)), *args)
+        with quant.maybe_dequantized(adapted.base):
+            return fn(transform(merge(adapted)), *args)
     specs = {spec.path: spec for spec in adapted.layers}
+    quantized = quant.quantized_paths(adapted.base)
     seen: set[tuple] = set()
     force_factored = path == "factored" or dropout
 
@@ -96,18 +103,23 @@ def call_adapted(
         x = call_args[0]
         lead = x.shape[: x.ndim - spec.in_axes]
         tokens = math.prod(lead)
-        if not force_factored and choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r,
-                                              adapted.method, train) == "merged":
+        if not force_factored and spec.path not in quantized and choose_path(
+                tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train) == "merged":
             own = dict(module.variables["params"])
             w0 = own["kernel"]
             own["kernel"] = (w0.astype(jnp.float32) + layer_delta(adapted, spec).reshape(w0.shape)).astype(w0.dtype)
             return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
         out = next_fun(*call_args, **call_kwargs)
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
-        term = layer_term(adapted, spec, x.reshape(lead + (spec.in_features,)), rng)
+        x = x.reshape(lead + (spec.in_features,))
+        if spec.path in quantized:
+            term = layer_term(adapted, spec, x.astype(jnp.float32), rng)
+            return (out.astype(jnp.float32) + term.reshape(out.shape)).astype(out.dtype)
+        term = layer_term(adapted, spec, x, rng)
         return out + term.reshape(out.shape).astype(out.dtype)
 
-    with nn.intercept_methods(interceptor):
+    # flax runs the interceptor entered first outermost: this one, then the dequantizing one
+    with nn.intercept_methods(interceptor), quant.maybe_dequantized(adapted.base):
         result = fn(transform(adapted.base), *args)
     missing = sorted(path_str(p) for p in set(specs) - seen)
     if missing:

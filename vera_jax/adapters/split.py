@@ -31,7 +31,12 @@ def _label_base(adapted: Adapted):
     default = FULL if adapted.method == "full" else None
 
     def label(path, _):
-        return HEAD if tuple(k.key for k in path) in extra else default
+        keys = tuple(k.key for k in path if not isinstance(k, jax.tree_util.GetAttrKey))
+        chosen = HEAD if keys in extra else default
+        if chosen is not None and len(keys) < len(path):  # a leaf inside a quantized kernel
+            raise ValueError(f"{adapted.method}: base leaf {'/'.join(map(str, keys))} is a quantized kernel, which "
+                             "stays frozen; leave it unquantized (quant.quantize_params(skip=...)) to train it")
+        return chosen
 
     return jax.tree_util.tree_map_with_path(label, adapted.base)
 

@@ -39,6 +39,7 @@ from vera_jax.adapters.core import Adapted, merge
 from vera_jax.adapters.cost import choose_path
 from vera_jax.adapters.factored import call_adapted
 from vera_jax.models import sampling as sampling_lib
+from vera_jax.quant import maybe_dequantized, quantized_paths
 
 PATHS = ("merged", "factored", "auto")
 
@@ -83,8 +84,10 @@ class ModelDecoder:
         if not isinstance(params, Adapted):
             raise TypeError(f"params: path={self.path!r} needs an Adapted tree, got {type(params).__name__}")
 
+        quantized = quantized_paths(params.base)
+
         def merges(spec) -> bool:
-            return self.path == "merged" or self.path == "auto" and choose_path(
+            return self.path == "merged" or self.path == "auto" and spec.path not in quantized and choose_path(
                 tokens, spec.in_features, spec.out_features, params.config.r, params.method, train=False) == "merged"
 
         merged = tuple(s for s in params.layers if merges(s))
@@ -101,7 +104,8 @@ class ModelDecoder:
 
         if isinstance(prepared, Adapted):
             return call_adapted(run, prepared, path="factored", train=False)
-        return run(prepared)
+        with maybe_dequantized(prepared):
+            return run(prepared)
 
 
 def as_decoder(model, params, path: str | None = None):

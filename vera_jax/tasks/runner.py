@@ -28,6 +28,7 @@ import jax.numpy as jnp
 import ml_collections
 
 import vera_jax
+from vera_jax import quant
 from vera_jax import train as train_lib
 from vera_jax.data.common import DataUnavailableError, reachable
 from vera_jax.models import common as model_common
@@ -133,6 +134,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.head = ("classifier",)  # modules trained in every method, at lr.head (trainable_extra)
     m.random_init = False  # True: only the checkpoint's config.json; weights drawn from `seed`
     m.overrides = ml_collections.ConfigDict()  # HF config fields replaced before building (e.g. layers)
+    m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized
     return m
 
 
@@ -241,13 +243,26 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
         tokenizer = hub.load_tokenizer(m.tokenizer)
     dummy = hub.family(hf_config["model_type"]).dummy_inputs(hf_config)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy))
+    param_axes = nn.get_partition_spec(boxed)["params"]
+    if m.get("quantize"):
+        params = quant.quantize_params(params, m.quantize, skip=quant.DEFAULT_SKIP + tuple(m.head))
+        param_axes = quant.quantized_axes(params, param_axes)
     return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path or m.checkpoint,
-                 param_axes=nn.get_partition_spec(boxed)["params"])
+                 param_axes=param_axes)
 
 
 def _validate(config) -> None:
     if config.method not in METHODS:
         raise ConfigError(f"method: expected one of {METHODS}, got {config.method!r}")
+    quantize = config.model.get("quantize", "")
+    if quantize not in ("", *quant.METHODS):
+        raise ConfigError(f"model.quantize: expected one of {['', *quant.METHODS]}, got {quantize!r}")
+    if quantize and config.adapter_path == "merged":
+        raise ConfigError(f"adapter_path: 'merged' would merge into the kernels model.quantize={quantize!r} keeps "
+                          "quantized (never done); use 'factored' or 'auto'")
+    if quantize and config.method == "full":
+        raise ConfigError(f"method: 'full' would train the kernels model.quantize={quantize!r} keeps frozen; "
+                          "use vera, lora or head")
 
 
 def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
