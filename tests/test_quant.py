@@ -287,3 +287,78 @@ def test_runner_model_quantize():
                           (runner_config("nf4", method="full"), "method: 'full'")]:
         with pytest.raises(runner.ConfigError, match=field):
             runner._validate(config)
+
+
+def write_gguf(path, qtype, width=64, inner=128, vocab=32):
+    """A 2-layer LLaMA GGUF whose matrices are stored as `qtype` (norms F32), no tokenizer."""
+    import gguf
+
+    rng = np.random.default_rng(0)
+    writer = gguf.GGUFWriter(str(path), "llama")
+    for add, value in [("block_count", 2), ("context_length", 64), ("embedding_length", width),
+                       ("feed_forward_length", inner), ("head_count", 4), ("head_count_kv", 2),
+                       ("rope_dimension_count", width // 4), ("layer_norm_rms_eps", 1e-5), ("vocab_size", vocab)]:
+        getattr(writer, f"add_{add}")(value)
+
+    def matrix(name, rows, cols):
+        w = (rng.normal(size=(rows, cols)) * 0.2).astype(np.float32)
+        writer.add_tensor(name, gguf.quants.quantize(w, qtype), raw_dtype=qtype)
+
+    matrix("token_embd.weight", vocab, width)
+    matrix("output.weight", vocab, width)
+    writer.add_tensor("output_norm.weight", np.ones(width, np.float32))
+    for i in range(2):
+        writer.add_tensor(f"blk.{i}.attn_norm.weight", np.ones(width, np.float32))
+        writer.add_tensor(f"blk.{i}.ffn_norm.weight", np.ones(width, np.float32))
+        for name, rows, cols in [("attn_q", width, width), ("attn_k", width // 2, width), ("attn_v", width // 2, width),
+                                 ("attn_output", width, width), ("ffn_gate", inner, width), ("ffn_up", inner, width),
+                                 ("ffn_down", width, inner)]:
+            matrix(f"blk.{i}.{name}.weight", rows, cols)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    return str(path)
+
+
+@pytest.mark.parametrize("qtype,bytes_per_param", [("Q4_0", 18 / 32), ("Q4_1", 20 / 32)])
+def test_gguf_q4_base_stays_4bit(tmp_path, qtype, bytes_per_param):
+    """The file's Q4_0/Q4_1 blocks as kernels: the same logits as the dequantized load, 18 or 20
+    bytes per 32 weights in memory, and a VeRA adapter decodes on it (factored)."""
+    import gguf
+
+    from vera_jax.models import from_pretrained
+    from vera_jax.models import gguf as gguf_io
+
+    path = write_gguf(tmp_path / f"tiny-{qtype}.gguf", getattr(gguf.GGMLQuantizationType, qtype))
+    model, params, _ = from_pretrained(path)
+    kept = gguf_io.keep_4bit(params, path)
+    kernel = kept["layer_0"]["attention"]["key"]["kernel"]
+    assert isinstance(kernel, quant.GGUFQ4Kernel) and kernel.shape == (64, 32) and kernel.codes.dtype == jnp.uint8
+    assert not quant.is_quantized(kept["lm_head"]["kernel"])
+    np.testing.assert_array_equal(np.asarray(kernel.dequantize()), np.asarray(params["layer_0"]["attention"]["key"]["kernel"]))
+    assert quant.param_bytes(kept)["quantized_bytes_per_param"] == pytest.approx(bytes_per_param)
+    ids = jnp.asarray(tokens(2, 6) % 32)
+    with quant.dequantized():
+        logits = jax.jit(lambda p: model.apply({"params": p}, ids))(kept)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, ids)), rtol=1e-5, atol=1e-5)
+    config = vera_jax.VeraConfig(r=8, targets=("query", "value"), b_initial=0.05)
+    out_q = generate.greedy(model, vera_jax.apply_vera(kept, config), ids, jnp.ones_like(ids), 4, None, 0, path="factored")
+    out_f = generate.greedy(model, vera_jax.apply_vera(params, config), ids, jnp.ones_like(ids), 4, None, 0, path="factored")
+    np.testing.assert_array_equal(np.asarray(out_q), np.asarray(out_f))
+
+
+def test_runner_keeps_gguf_blocks(tmp_path):
+    import gguf
+
+    from vera_jax.tasks import runner
+
+    config = runner_config("gguf")
+    config.model.checkpoint = write_gguf(tmp_path / "tiny.gguf", gguf.GGMLQuantizationType.Q4_1)
+    config.model.random_init, config.model.overrides = False, ml_collections.ConfigDict()
+    model = runner.load_model(config)
+    assert isinstance(model.params["layer_1"]["down"]["kernel"], quant.GGUFQ4Kernel)
+    assert isinstance(model.param_axes["layer_1"]["down"]["kernel"], quant.GGUFQ4Kernel)
+    config = runner_config("gguf")
+    with pytest.raises(runner.ConfigError, match="model.quantize: 'gguf' keeps a .gguf file's 4-bit blocks"):
+        runner.load_model(config)

@@ -15,6 +15,8 @@ nf4: 4-bit NormalFloat (QLoRA's 16 quantiles of N(0, 1) scaled to [-1, 1]), absm
   per parameter (bitsandbytes uses an 8-bit dynamic map for the second level; linear int8 has the
   same size and a simpler bound).
 int8: symmetric per output channel, one float32 scale per column: 1 + 4/in bytes per parameter.
+GGUF Q4_0 / Q4_1: a llama.cpp file's own blocks kept as stored (`models.gguf.keep_4bit`), 18 / 20
+  bytes per 32 weights.
 
 How a quantized layer runs: `dequantized()` intercepts every linen module call whose `kernel` param
 is quantized and calls an unbound copy of that module on the dequantized kernel, inside
@@ -130,6 +132,38 @@ class Int8Kernel(QuantizedKernel):
     def dequantize(self) -> jax.Array:
         w = self.codes.astype(jnp.float32) * self.scale.astype(jnp.float32)
         return w.reshape(self.shape).astype(self.dtype)
+
+
+@struct.dataclass
+class GGUFQ4Kernel(QuantizedKernel):
+    """A GGUF Q4_0 / Q4_1 weight kept in its stored blocks of 32 inputs, in HF's (out, in) row order
+    (llama.cpp's layout): codes uint8 (out, in/32, 16), byte j of a block holding inputs j (low
+    nibble) and j + 16 (high); scale float16 (out, in/32); minimum float16 (out, in/32) for Q4_1
+    (value = q * scale + minimum), None for Q4_0 (value = (q - 8) * scale). `shape` is our (in, out)."""
+
+    codes: jax.Array
+    scale: jax.Array
+    minimum: jax.Array | None
+    shape: tuple = struct.field(pytree_node=False)
+    dtype_name: str = struct.field(pytree_node=False)
+    method: str = struct.field(pytree_node=False, default="q4_0")
+
+    @classmethod
+    def from_blocks(cls, data: np.ndarray, method: str, shape_out_in: tuple[int, int]) -> "GGUFQ4Kernel":
+        """From GGUF's raw rows (uint8 (out, in/32 * block bytes)); `method` "q4_0" | "q4_1"."""
+        n_out, n_in = shape_out_in
+        head = {"q4_0": 2, "q4_1": 4}[method]
+        blocks = np.ascontiguousarray(data).reshape(n_out, n_in // 32, head + 16)
+        scale = blocks[..., :2].copy().view(np.float16)[..., 0]
+        minimum = blocks[..., 2:4].copy().view(np.float16)[..., 0] if method == "q4_1" else None
+        return cls(jnp.asarray(blocks[..., head:]), jnp.asarray(scale),
+                   None if minimum is None else jnp.asarray(minimum), (n_in, n_out), "float32", method)
+
+    def dequantize(self) -> jax.Array:
+        q = jnp.concatenate([self.codes & 0xF, self.codes >> 4], axis=-1).astype(jnp.float32)
+        scale = self.scale.astype(jnp.float32)[..., None]
+        w = q * scale + self.minimum.astype(jnp.float32)[..., None] if self.minimum is not None else (q - 8) * scale
+        return w.reshape(self.shape[1], self.shape[0]).T.astype(self.dtype)
 
 
 def is_quantized(x) -> bool:
@@ -264,6 +298,10 @@ def quantized_axes(params, param_axes) -> Any:
         spec = P(*spec) if spec is not None and kernel.ndim == 2 else P()
         if isinstance(kernel, NF4Kernel):
             axes = NF4Kernel(spec, spec, P(), P(), kernel.shape, kernel.dtype_name, kernel.block_size)
+        elif isinstance(kernel, GGUFQ4Kernel):
+            rows = P(*spec[1:], *spec[:1])  # (out, in) order
+            axes = GGUFQ4Kernel(P(*rows, None), rows, None if kernel.minimum is None else rows, kernel.shape,
+                                kernel.dtype_name, kernel.method)
         else:
             axes = Int8Kernel(spec, P(*spec[1:]), kernel.shape, kernel.dtype_name)
         set_path(out, path + ("kernel",), axes)

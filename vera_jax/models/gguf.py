@@ -21,6 +21,7 @@ import os
 from typing import Iterator
 
 import gguf
+import jax
 import numpy as np
 
 SUPPORTED_ARCHITECTURES = ("llama",)
@@ -186,3 +187,31 @@ def load_tokenizer(path_or_reader: str | gguf.GGUFReader):
 
     path = os.path.abspath(reader.data.filename)
     return AutoTokenizer.from_pretrained(os.path.dirname(path), gguf_file=os.path.basename(path))
+
+
+KEPT_4BIT = {Q.Q4_0: "q4_0", Q.Q4_1: "q4_1"}
+
+
+def keep_4bit(params: dict, path_or_reader: str | gguf.GGUFReader, config: dict | None = None) -> dict:
+    """`params` (this file's LLaMA, as `read_tensors` + `llama.params_from_hf` build it) with every
+    linear weight the file stores as Q4_0 / Q4_1 replaced by its stored blocks
+    (`vera_jax.quant.GGUFQ4Kernel`), so the frozen base stays 4-bit in device memory and is
+    dequantized per layer inside jit. Embeddings and lm_head stay float (the model looks rows up /
+    trains next to them); other stored types stay as loaded."""
+    from vera_jax import quant
+    from vera_jax.models import llama
+    from vera_jax.tree import get_path, set_path
+
+    reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
+    config = read_config(reader) if config is None else config
+    linear = {e.hf: e.path for e in llama._entries(config) if e.kind == "linear" and e.path[0] != "lm_head"}
+    out = jax.tree.map(lambda x: x, params, is_leaf=quant.is_quantized)
+    for t in raw_tensors(reader, config):
+        if t.name in linear and t.quant_type in KEPT_4BIT:
+            kernel = quant.GGUFQ4Kernel.from_blocks(t.data, KEPT_4BIT[t.quant_type], t.shape)
+            want = tuple(get_path(params, linear[t.name]).shape)
+            if kernel.shape != want:
+                raise ValueError(f"{reader.data.filename}: tensor {t.name} is {t.shape} (out, in); the model's "
+                                 f"{'/'.join(linear[t.name])} expects {want} (in, out)")
+            set_path(out, linear[t.name], kernel)
+    return out

@@ -134,7 +134,8 @@ def model_config() -> ml_collections.ConfigDict:
     m.head = ("classifier",)  # modules trained in every method, at lr.head (trainable_extra)
     m.random_init = False  # True: only the checkpoint's config.json; weights drawn from `seed`
     m.overrides = ml_collections.ConfigDict()  # HF config fields replaced before building (e.g. layers)
-    m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized
+    m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized;
+    # "gguf": a .gguf checkpoint's Q4_0/Q4_1 linear weights kept in their stored 4-bit blocks
     return m
 
 
@@ -244,7 +245,15 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
     dummy = hub.family(hf_config["model_type"]).dummy_inputs(hf_config)
     boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy))
     param_axes = nn.get_partition_spec(boxed)["params"]
-    if m.get("quantize"):
+    if m.get("quantize") == "gguf":
+        if not str(path).endswith(".gguf"):
+            raise ConfigError(f"model.quantize: 'gguf' keeps a .gguf file's 4-bit blocks; model.checkpoint {path!r} "
+                              "is not a .gguf file (use 'nf4' or 'int8' for other checkpoints)")
+        from vera_jax.models import gguf
+
+        params = gguf.keep_4bit(params, path)
+        param_axes = quant.quantized_axes(params, param_axes)
+    elif m.get("quantize"):
         params = quant.quantize_params(params, m.quantize, skip=quant.DEFAULT_SKIP + tuple(m.head))
         param_axes = quant.quantized_axes(params, param_axes)
     return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path or m.checkpoint,
@@ -255,8 +264,8 @@ def _validate(config) -> None:
     if config.method not in METHODS:
         raise ConfigError(f"method: expected one of {METHODS}, got {config.method!r}")
     quantize = config.model.get("quantize", "")
-    if quantize not in ("", *quant.METHODS):
-        raise ConfigError(f"model.quantize: expected one of {['', *quant.METHODS]}, got {quantize!r}")
+    if quantize not in ("", *quant.METHODS, "gguf"):
+        raise ConfigError(f"model.quantize: expected one of {['', *quant.METHODS, 'gguf']}, got {quantize!r}")
     if quantize and config.adapter_path == "merged":
         raise ConfigError(f"adapter_path: 'merged' would merge into the kernels model.quantize={quantize!r} keeps "
                           "quantized (never done); use 'factored' or 'auto'")
