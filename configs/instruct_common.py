@@ -62,7 +62,7 @@ def base_config(arg: str | None = None, size: str = "7b") -> ml_collections.Conf
     c.mt_bench.max_new_tokens = 1024  # FastChat's gen_model_answer default
     c.mt_bench.batch_size = 8  # questions decoded together (per turn, per greedy/sampled group)
     c.mt_bench.top_k = 50  # HF generate's default, which FastChat's sampling inherits
-    c.mt_bench.limit = 0  # >0: only the first N questions
+    c.mt_bench.limit = 0  # >0: only the first N questions of each category
 
     c.adapter_path = "auto"  # LoRA's dropout needs the factored term; auto picks per layer otherwise
     c.optimizer.schedule = "cosine"

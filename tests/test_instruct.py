@@ -173,7 +173,7 @@ def test_mt_bench_answers_are_fastchat_records_with_two_turns(llama_dir, data_fi
     model = runner.load_model(config)
     adapted = vera_jax.load_adapter(str(tmp_path / "run" / "adapter"), model.params)
     kw = dict(template="alpaca", max_new_tokens=6, batch_size=2, top_k=50, seed=0, path="auto", log=lambda s: None)
-    answers, facts = mt_bench.answer(model, adapted, mt_bench.read_questions(str(qfile)), **kw)
+    answers, facts = mt_bench.answer(model, adapted, mt_bench.read_questions(str(qfile), limit=1), **kw)
     again, _ = mt_bench.answer(model, adapted, questions, **kw)
     assert answers == again and facts["truncated_prompts"] == 0 and len(facts["seconds_per_turn"]) == 2
     rows = mt_bench.records(questions, answers, "tiny-vera")
@@ -186,6 +186,11 @@ def test_mt_bench_answers_are_fastchat_records_with_two_turns(llama_dir, data_fi
         (choice,) = r["choices"]
         assert choice["index"] == 0 and len(choice["turns"]) == 2 and all(isinstance(t, str) for t in choice["turns"])
     assert [mt_bench.temperature(q["category"]) for q in questions] == [0.7, 0.0, 0.1, 0.0, 0.7]
+    real = os.path.join(ROOT, "..", "shared", "data", "mt_bench", "question.jsonl")
+    if os.path.isfile(real):
+        assert len(mt_bench.read_questions(real)) == 80
+        sample = mt_bench.read_questions(real, limit=1)
+        assert [q["question_id"] for q in sample] == [81, 91, 101, 111, 121, 131, 141, 151]
 
 
 def test_configs_carry_table_9():

@@ -14,6 +14,7 @@ decoded without special tokens, then stripped, as FastChat does. One JSON line p
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import time
@@ -32,7 +33,8 @@ PAD_MULTIPLE = 64  # prompts are left-padded to a multiple of this (few compiled
 
 
 def read_questions(path: str, limit: int = 0) -> list[dict]:
-    """FastChat question.jsonl: {"question_id", "category", "turns": [str, ...]} per line."""
+    """FastChat question.jsonl: {"question_id", "category", "turns": [str, ...]} per line; with
+    limit > 0, only the first `limit` questions of each category (a sample of every category)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"mt_bench.questions: {path} is not a file (FastChat's question.jsonl)")
     with open(path, encoding="utf-8") as f:
@@ -41,7 +43,15 @@ def read_questions(path: str, limit: int = 0) -> list[dict]:
         if not {"question_id", "category", "turns"} <= set(q) or not q["turns"]:
             raise ValueError(f"mt_bench.questions: {path}: question {q.get('question_id')} lacks "
                              "question_id, category or turns")
-    return questions[:limit] if limit > 0 else questions
+    if limit > 0:
+        seen = collections.Counter()
+        kept = []
+        for q in questions:
+            seen[q["category"]] += 1
+            if seen[q["category"]] <= limit:
+                kept.append(q)
+        questions = kept
+    return questions
 
 
 def temperature(category: str) -> float:
