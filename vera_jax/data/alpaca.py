@@ -158,10 +158,10 @@ def load(path: str = "", *, dataset: str = HUB_DATASET, filename: str = HUB_FILE
         import datasets
     except ImportError:
         datasets = None
-    if datasets is not None and not os.environ.get("HF_HUB_OFFLINE"):
+    if datasets is not None:
         from huggingface_hub import constants
 
-        if reachable(constants.ENDPOINT, timeout) is None:
+        if not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT, timeout) is None:
             rows = datasets.load_dataset(dataset, split="train", revision=revision or None,
                                          cache_dir=cache_dir or None)
             return check([dict(r) for r in rows], f"hub {dataset}", bad_records)
