@@ -1,0 +1,155 @@
+"""A bounded load test of the OpenAI-compatible server on 127.0.0.1; prints a JSON record.
+
+    python -m experiments.serving_load --requests=500 --concurrency=32 --adapters=8 --json=load.json
+
+Starts the server in this process (uvicorn on 127.0.0.1, a free port) over a small random LLaMA
+(--hidden, --layers; random weights, no tokenizer: prompts are token ids) with --adapters random
+VeRA adapters loaded from directories, then --concurrency client threads send --requests
+completions (random adapter or the base, prompt length and max_tokens, greedy or sampled) until
+all are answered or --deadline seconds pass. Reports p50/p99 latency, generated tokens/s, failed
+requests, and the process's resident memory before and after the load.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import json
+import logging
+import socket
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import flax.linen as nn
+import httpx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import vera_jax
+from vera_jax.models import llama
+from vera_jax.serving import BASE, AdapterBank, Engine
+from vera_jax.serving.server import create_app
+
+FLAGS = flags.FLAGS
+flags.DEFINE_integer("requests", 500, "completions to send", lower_bound=1)
+flags.DEFINE_integer("concurrency", 32, "client threads", lower_bound=1)
+flags.DEFINE_integer("adapters", 8, "random VeRA adapters loaded", lower_bound=0)
+flags.DEFINE_integer("slots", 32, "engine slots", lower_bound=1)
+flags.DEFINE_integer("max_length", 64, "context per slot", lower_bound=8)
+flags.DEFINE_integer("hidden", 64, "model width", lower_bound=8)
+flags.DEFINE_integer("layers", 2, "model depth", lower_bound=1)
+flags.DEFINE_float("deadline", 600.0, "seconds after which no more requests are sent")
+flags.DEFINE_string("json", None, "also write the record here")
+
+
+def rss_bytes() -> int:
+    """This process's resident memory (Linux /proc)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) * 1024
+    return -1
+
+
+def build(hidden: int, layers: int, adapters: int, slots: int, max_length: int, workdir: Path):
+    config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 1000,
+              "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_length,
+              "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "tie_word_embeddings": False}
+    model = llama.build(config)
+    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    bank = AdapterBank(params, config)
+    for i in range(adapters):
+        adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=16, targets=("query", "value")))
+        leaves, tree = jax.tree.flatten(adapted.adapter)
+        keys = jax.random.split(jax.random.key(100 + i), len(leaves))
+        adapted = adapted.replace(adapter=jax.tree.unflatten(
+            tree, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+        vera_jax.save_adapter(workdir / f"a{i}", adapted)
+        bank.load(f"a{i}", workdir / f"a{i}")
+    engine = Engine(model, bank, slots=slots, max_length=max_length)
+    return create_app(engine, bank), engine, bank
+
+
+def run(requests, concurrency, adapters, slots, max_length, hidden, layers, deadline) -> dict:
+    import uvicorn
+
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        app_, engine, bank = build(hidden, layers, adapters, slots, max_length, Path(tmp))
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        server = uvicorn.Server(uvicorn.Config(app_, host="127.0.0.1", port=port, log_level="warning"))
+        thread = threading.Thread(target=server.run, daemon=True)
+        thread.start()
+        url = f"http://127.0.0.1:{port}"
+        start = time.time()
+        while not server.started:
+            if time.time() - start > 60:
+                raise RuntimeError("server did not start in 60 s")
+            time.sleep(0.1)
+        rng = np.random.RandomState(0)
+        names = [BASE] + bank.names()
+        jobs = [{"model": names[rng.randint(len(names))], "prompt": rng.randint(3, 1000, rng.randint(1, 24)).tolist(),
+                 "max_tokens": int(rng.randint(4, 17)), "temperature": float(rng.choice([0.0, 0.8])),
+                 "seed": int(rng.randint(2**31))} for _ in range(requests)]
+        with httpx.Client(timeout=120) as client:
+            for bucket in engine.buckets:       # warm-up: compile every prefill bucket and the decode step
+                n = min(bucket, max_length - 2)
+                client.post(f"{url}/v1/completions", json={"model": BASE, "prompt": [5] * n, "max_tokens": 2})
+            rss_before = rss_bytes()
+            warm_compiles = dict(engine.compiles)
+            stop_at = time.time() + deadline
+
+            def send(job):
+                if time.time() > stop_at:
+                    return None
+                t0 = time.perf_counter()
+                try:
+                    r = client.post(f"{url}/v1/completions", json=job)
+                    ok = r.status_code == 200
+                    tokens = r.json()["usage"]["completion_tokens"] if ok else 0
+                except httpx.HTTPError:
+                    ok, tokens = False, 0
+                return ok, time.perf_counter() - t0, tokens
+
+            t0 = time.perf_counter()
+            with concurrent.futures.ThreadPoolExecutor(concurrency) as pool:
+                results = [r for r in pool.map(send, jobs) if r is not None]
+            wall = time.perf_counter() - t0
+            health = client.get(f"{url}/health").json()
+            compiles_during_load = {k: v - warm_compiles.get(k, 0) for k, v in engine.compiles.items()}
+        rss_after = rss_bytes()
+        server.should_exit = True
+        thread.join(30)
+    latencies = np.array([lat for ok, lat, _ in results if ok])
+    return {"requests_sent": len(results), "requests_planned": requests, "failed": sum(not ok for ok, _, _ in results),
+            "concurrency": concurrency, "slots": slots, "adapters": adapters, "wall_s": wall,
+            "p50_latency_s": float(np.percentile(latencies, 50)) if latencies.size else None,
+            "p99_latency_s": float(np.percentile(latencies, 99)) if latencies.size else None,
+            "generated_tokens": int(sum(t for _, _, t in results)),
+            "tokens_per_s": sum(t for _, _, t in results) / wall, "requests_per_s": len(results) / wall,
+            "server_rss_before_bytes": rss_before, "server_rss_after_bytes": rss_after,
+            "compiles_during_load": compiles_during_load, "engine": health["engine"],
+            "model": {"family": "llama", "hidden": hidden, "layers": layers, "weights": "random"},
+            "device": jax.devices()[0].device_kind,
+            "note": "server and clients share this process (in-process uvicorn); RSS is the whole process"}
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise app.UsageError(f"unexpected arguments {argv[1:]}")
+    record = run(FLAGS.requests, FLAGS.concurrency, FLAGS.adapters, FLAGS.slots, FLAGS.max_length, FLAGS.hidden,
+                 FLAGS.layers, FLAGS.deadline)
+    text = json.dumps(record)
+    print(text)
+    if FLAGS.json:
+        Path(FLAGS.json).write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    app.run(main)
