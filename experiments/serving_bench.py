@@ -18,6 +18,7 @@ record says how many bytes each adapter holds on device and how many were reside
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import json
 import statistics
@@ -27,26 +28,12 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 from vera_jax.adapters.config import VeraConfig
 from vera_jax.adapters.targets import find_targets
 from vera_jax.models import gpt2, hub
 from vera_jax.models.generate import ModelDecoder
 from vera_jax.serving.batched import BankDecoder
-
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("layers", 2, "GPT-2-medium depth actually run (24 in the real model)", lower_bound=1)
-flags.DEFINE_integer("batch", 16, "rows decoded per step", lower_bound=1)
-flags.DEFINE_integer("context", 128, "tokens already in every row's cache", lower_bound=1)
-flags.DEFINE_list("adapters", ["1", "16", "256", "1000", "10000"], "N distinct adapters resident / in the batch")
-flags.DEFINE_list("vera_ranks", ["256", "1024"], "VeRA ranks")
-flags.DEFINE_integer("lora_r", 8, "LoRA rank of the per-row gathered baseline", lower_bound=1)
-flags.DEFINE_list("lora_adapters", ["1", "16", "256", "1000"], "N for LoRA (its stacks are r*(in+out) per layer)")
-flags.DEFINE_list("targets", ["query", "value"], "adapted modules")
-flags.DEFINE_integer("iters", 10, "timed steps (median reported)", lower_bound=1)
-flags.DEFINE_integer("warmup", 2, "untimed steps", lower_bound=1)
-flags.DEFINE_string("json", None, "also write the record here")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,8 +103,11 @@ def row_ids(n: int, batch: int, rng) -> np.ndarray:
     return (ids + 1).astype(np.int32)[:, None]
 
 
-def run(layers, batch, context, adapters, vera_ranks, lora_r, lora_adapters, targets, iters, warmup) -> dict:
+def run(layers, batch, context, adapters, vera_ranks, lora_r, lora_adapters, targets, iters, warmup,
+        hidden=None) -> dict:
     cfg = {**hub.bundled_config("gpt2-medium"), "n_layer": layers}
+    if hidden:
+        cfg.update(n_embd=hidden, n_head=max(1, hidden // 64))
     model = gpt2.build(cfg)
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
     cache = model.init_cache(batch, context + 8)
@@ -126,7 +116,7 @@ def run(layers, batch, context, adapters, vera_ranks, lora_r, lora_adapters, tar
     key = jax.random.key(1)
     base = base_flops(cfg, context)
     merged_s = time_step(ModelDecoder(model), params, cache, None, batch, iters, warmup)
-    record = {"model": "gpt2-medium", "layers_run": layers, "layers_real": 24,
+    record = {"model": "gpt2-medium", "layers_run": layers, "layers_real": 24, "width": cfg["n_embd"],
               "note": "random weights; depth cut to fit the machine; widths, heads and vocab are GPT-2-medium's",
               "device": jax.devices()[0].device_kind, "batch": batch, "context": context, "targets": targets,
               "merged": {"tokens_per_s": batch / merged_s, "step_s": merged_s, "flops_per_token": base},
@@ -176,18 +166,35 @@ def run(layers, batch, context, adapters, vera_ranks, lora_r, lora_adapters, tar
     return record
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    record = run(FLAGS.layers, FLAGS.batch, FLAGS.context, [int(x) for x in FLAGS.adapters],
-                 [int(x) for x in FLAGS.vera_ranks], FLAGS.lora_r, [int(x) for x in FLAGS.lora_adapters],
-                 list(FLAGS.targets), FLAGS.iters, FLAGS.warmup)
+def parse_args(argv=None) -> argparse.Namespace:
+    ints = lambda text: [int(x) for x in text.split(",")]  # noqa: E731
+    p = argparse.ArgumentParser(prog="python -m experiments.serving_bench", description=__doc__.splitlines()[0])
+    p.add_argument("--layers", type=int, default=2, help="GPT-2-medium depth actually run (24 in the real model)")
+    p.add_argument("--hidden", type=int, default=None, help="override the width (one head per 64); quick checks")
+    p.add_argument("--batch", type=int, default=16, help="rows decoded per step")
+    p.add_argument("--context", type=int, default=128, help="tokens already in every row's cache")
+    p.add_argument("--adapters", type=ints, default=[1, 16, 256, 1000, 10000], help="N adapters, comma-separated")
+    p.add_argument("--vera_ranks", type=ints, default=[256, 1024], help="VeRA ranks")
+    p.add_argument("--lora_r", type=int, default=8, help="LoRA rank of the per-row gathered baseline")
+    p.add_argument("--lora_adapters", type=ints, default=[1, 16, 256, 1000],
+                   help="N for LoRA (its stacks hold r*(in+out) per layer per adapter)")
+    p.add_argument("--targets", type=lambda t: t.split(","), default=["query", "value"], help="adapted modules")
+    p.add_argument("--iters", type=int, default=10, help="timed steps (median reported)")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps")
+    p.add_argument("--json", default=None, help="also write the record here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    record = run(a.layers, a.batch, a.context, a.adapters, a.vera_ranks, a.lora_r, a.lora_adapters, a.targets,
+                 a.iters, a.warmup, a.hidden)
     text = json.dumps(record)
     print(text)
-    if FLAGS.json:
-        with open(FLAGS.json, "w") as f:
+    if a.json:
+        with open(a.json, "w") as f:
             f.write(text + "\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()

@@ -12,6 +12,7 @@ requests, and the process's resident memory before and after the load.
 
 from __future__ import annotations
 
+import argparse
 import concurrent.futures
 import json
 import logging
@@ -26,23 +27,11 @@ import httpx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from absl import app, flags
 
 import vera_jax
 from vera_jax.models import llama
 from vera_jax.serving import BASE, AdapterBank, Engine
 from vera_jax.serving.server import create_app
-
-FLAGS = flags.FLAGS
-flags.DEFINE_integer("requests", 500, "completions to send", lower_bound=1)
-flags.DEFINE_integer("concurrency", 32, "client threads", lower_bound=1)
-flags.DEFINE_integer("adapters", 8, "random VeRA adapters loaded", lower_bound=0)
-flags.DEFINE_integer("slots", 32, "engine slots", lower_bound=1)
-flags.DEFINE_integer("max_length", 64, "context per slot", lower_bound=8)
-flags.DEFINE_integer("hidden", 64, "model width", lower_bound=8)
-flags.DEFINE_integer("layers", 2, "model depth", lower_bound=1)
-flags.DEFINE_float("deadline", 600.0, "seconds after which no more requests are sent")
-flags.DEFINE_string("json", None, "also write the record here")
 
 
 def rss_bytes() -> int:
@@ -140,16 +129,28 @@ def run(requests, concurrency, adapters, slots, max_length, hidden, layers, dead
             "note": "server and clients share this process (in-process uvicorn); RSS is the whole process"}
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    record = run(FLAGS.requests, FLAGS.concurrency, FLAGS.adapters, FLAGS.slots, FLAGS.max_length, FLAGS.hidden,
-                 FLAGS.layers, FLAGS.deadline)
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m experiments.serving_load", description=__doc__.splitlines()[0])
+    p.add_argument("--requests", type=int, default=500, help="completions to send")
+    p.add_argument("--concurrency", type=int, default=32, help="client threads")
+    p.add_argument("--adapters", type=int, default=8, help="random VeRA adapters loaded")
+    p.add_argument("--slots", type=int, default=32, help="engine slots")
+    p.add_argument("--max_length", type=int, default=64, help="context per slot")
+    p.add_argument("--hidden", type=int, default=64, help="model width")
+    p.add_argument("--layers", type=int, default=2, help="model depth")
+    p.add_argument("--deadline", type=float, default=600.0, help="seconds after which no more requests are sent")
+    p.add_argument("--json", default=None, help="also write the record here")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> None:
+    a = parse_args(argv)
+    record = run(a.requests, a.concurrency, a.adapters, a.slots, a.max_length, a.hidden, a.layers, a.deadline)
     text = json.dumps(record)
     print(text)
-    if FLAGS.json:
-        Path(FLAGS.json).write_text(text + "\n")
+    if a.json:
+        Path(a.json).write_text(text + "\n")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    main()
