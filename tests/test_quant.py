@@ -51,7 +51,8 @@ def test_nf4_round_trip_within_codebook_bound():
     assert q.codes.dtype == jnp.uint8 and q.codes.shape == (128, 96) and q.absmax.dtype == jnp.int8
     back = np.asarray(q.dequantize())
     absmax = np.abs(w.reshape(4, 64, 96)).max(axis=1)
-    absmax_hat = np.asarray(q.absmax, np.float32) * np.repeat(np.asarray(q.absmax_scale), 32, axis=1) + float(q.absmax_offset)
+    absmax_hat = (np.asarray(q.absmax, np.float32) * np.repeat(np.asarray(q.absmax_scale), 32, axis=1)
+                  + float(q.absmax_offset))
     # nearest code: half the widest codebook gap times the block absmax, plus what the double
     # quantization moved that absmax by (|code| <= 1)
     bound = quant.NF4_MAX_GAP / 2 * absmax + np.abs(absmax - absmax_hat) + 1e-7
@@ -336,15 +337,17 @@ def test_gguf_q4_base_stays_4bit(tmp_path, qtype, bytes_per_param):
     kernel = kept["layer_0"]["attention"]["key"]["kernel"]
     assert isinstance(kernel, quant.GGUFQ4Kernel) and kernel.shape == (64, 32) and kernel.codes.dtype == jnp.uint8
     assert not quant.is_quantized(kept["lm_head"]["kernel"])
-    np.testing.assert_array_equal(np.asarray(kernel.dequantize()), np.asarray(params["layer_0"]["attention"]["key"]["kernel"]))
+    reference = params["layer_0"]["attention"]["key"]["kernel"]
+    np.testing.assert_array_equal(np.asarray(kernel.dequantize()), np.asarray(reference))
     assert quant.param_bytes(kept)["quantized_bytes_per_param"] == pytest.approx(bytes_per_param)
     ids = jnp.asarray(tokens(2, 6) % 32)
     with quant.dequantized():
         logits = jax.jit(lambda p: model.apply({"params": p}, ids))(kept)
-    np.testing.assert_allclose(np.asarray(logits), np.asarray(model.apply({"params": params}, ids)), rtol=1e-5, atol=1e-5)
+    expected = model.apply({"params": params}, ids)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(expected), rtol=1e-5, atol=1e-5)
     config = vera_jax.VeraConfig(r=8, targets=("query", "value"), b_initial=0.05)
-    out_q = generate.greedy(model, vera_jax.apply_vera(kept, config), ids, jnp.ones_like(ids), 4, None, 0, path="factored")
-    out_f = generate.greedy(model, vera_jax.apply_vera(params, config), ids, jnp.ones_like(ids), 4, None, 0, path="factored")
+    out_q, out_f = (generate.greedy(model, vera_jax.apply_vera(p, config), ids, jnp.ones_like(ids), 4, None, 0,
+                                    path="factored") for p in (kept, params))
     np.testing.assert_array_equal(np.asarray(out_q), np.asarray(out_f))
 
 
