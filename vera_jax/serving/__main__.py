@@ -36,16 +36,19 @@ def build(args: argparse.Namespace):
     hf_config = hub.read_config(args.checkpoint if str(args.checkpoint).endswith(".gguf")
                                 else hub.resolve(args.checkpoint))
     bank = AdapterBank(params, hf_config)
+    paths = {}
     for spec in args.adapter:
         name, sep, path = spec.partition("=")
-        if not sep or not name or not path:
-            raise SystemExit(f"--adapter: {spec!r} is not NAME=DIR")
-        try:
-            info = bank.load(name, path)
-        except (ValueError, OSError) as e:
-            raise SystemExit(f"--adapter {name}: refused: {e}") from None
-        print(f"adapter {name}: group {info.group[:12]}, r={info.r}, {len(info.layers)} layers, {info.bytes} bytes",
-              file=sys.stderr)
+        if not sep or not name or not path or name in paths:
+            raise SystemExit(f"--adapter: {spec!r} is not NAME=DIR with a new NAME")
+        paths[name] = path
+    try:
+        infos = bank.load_many(paths)
+    except (ValueError, OSError) as e:
+        raise SystemExit(f"--adapter: refused: {e}") from None
+    for info in infos:
+        print(f"adapter {info.name}: group {info.group[:12]}, r={info.r}, {len(info.layers)} layers, "
+              f"{info.bytes} bytes", file=sys.stderr)
     positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 2048
     max_length = args.max_length or min(int(positions), 2048)
     engine = Engine(model, bank, slots=args.slots, max_length=max_length, tokenizer=tokenizer)

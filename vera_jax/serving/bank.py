@@ -28,7 +28,7 @@ import dataclasses
 import os
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Mapping
 
 import jax.numpy as jnp
 import numpy as np
@@ -80,9 +80,9 @@ class _Group:
     def capacity(self) -> int:
         return next(iter(self.d.values())).shape[0]
 
-    def free_row(self) -> int | None:
+    def free_rows(self) -> list[int]:
         used = set(self.rows.values()) | self.retired
-        return next((i for i in range(1, self.capacity) if i not in used), None)
+        return [i for i in range(1, self.capacity) if i not in used]
 
 
 def _read_format(directory: Path) -> str:
@@ -143,9 +143,15 @@ class AdapterBank:
 
     def load(self, name: str, path: str | os.PathLike) -> AdapterInfo:
         """Reads the adapter at `path` and makes it visible as `name`."""
-        self._check_name(name)
-        adapted, kind = self.read(path)
-        return self.add(name, adapted, source=str(path), fmt=kind)
+        return self.load_many({name: path})[0]
+
+    def load_many(self, paths: Mapping[str, str | os.PathLike]) -> list[AdapterInfo]:
+        """Reads every {name: path}; all become visible together, or none (the first problem raises)."""
+        for name in paths:
+            self._check_name(name)
+        read = {name: self.read(path) for name, path in paths.items()}
+        return self.add_many({n: a for n, (a, _) in read.items()},
+                             sources={n: str(paths[n]) for n in read}, formats={n: k for n, (_, k) in read.items()})
 
     # ------------------------------------------------------------------------------ changes
     def _check_name(self, name: str) -> None:
@@ -157,43 +163,64 @@ class AdapterBank:
 
     def add(self, name: str, adapted: Adapted, source: str = "", fmt: str = "vera_jax") -> AdapterInfo:
         """Adds an in-memory `Adapted` (checked as `read` checks files) as `name`."""
-        self._check_name(name)
-        check_servable(adapted, f"adapter {name!r}")
-        key = fingerprint(adapted.projections)
-        vectors = {s.name: (np.asarray(get_path(adapted.adapter, s.path)["lambda_d"], np.float32),
-                            np.asarray(get_path(adapted.adapter, s.path)["lambda_b"], np.float32))
-                   for s in adapted.layers}
-        info = AdapterInfo(name, source, fmt, key, adapted.config.r, tuple(s.name for s in adapted.layers),
-                           sum(d.nbytes + b.nbytes for d, b in vectors.values()))
-        with self._lock:
+        return self.add_many({name: adapted}, sources={name: source}, formats={name: fmt})[0]
+
+    def add_many(self, adapters: Mapping[str, Adapted], sources: Mapping[str, str] | None = None,
+                 formats: Mapping[str, str] | None = None) -> list[AdapterInfo]:
+        """Adds {name: Adapted} with one device update per stacked layer and group (adding N one
+        by one would copy each stack N times); all are checked before any becomes visible."""
+        prepared, memo = [], {}
+        for name, adapted in adapters.items():
             self._check_name(name)
-            group = self._groups.get(key)
-            if group is None:
-                a, b = (jnp.asarray(m, jnp.float32) for m in (adapted.projections["A"], adapted.projections["B"]))
-                group = _Group(key, adapted.config.r, {"A": a, "B": b}, (), {}, {}, {}, {}, set())
-            group = self._with_layers(group, adapted.layers)
-            row = group.free_row()
-            if row is None:
-                group = self._grown(group)
-                row = group.free_row()
-            for layer in group.layers:
-                zeros = (np.zeros(group.r, np.float32), np.zeros(layer.out_features, np.float32))
-                d, b = vectors.get(layer.name, zeros)
-                group.d[layer.name] = group.d[layer.name].at[row].set(d)
-                group.b[layer.name] = group.b[layer.name].at[row].set(b)
-            group.rows[name] = row
-            self._groups[key] = group
-            self._where[name] = key
-            self._info[name] = info
+            check_servable(adapted, f"adapter {name!r}")
+            pair = (id(adapted.projections["A"]), id(adapted.projections["B"]))
+            key = memo[pair] if pair in memo else memo.setdefault(pair, fingerprint(adapted.projections))
+            vectors = {s.name: (np.asarray(get_path(adapted.adapter, s.path)["lambda_d"], np.float32),
+                                np.asarray(get_path(adapted.adapter, s.path)["lambda_b"], np.float32))
+                       for s in adapted.layers}
+            info = AdapterInfo(name, (sources or {}).get(name, ""), (formats or {}).get(name, "vera_jax"), key,
+                               adapted.config.r, tuple(s.name for s in adapted.layers),
+                               sum(d.nbytes + b.nbytes for d, b in vectors.values()))
+            prepared.append((name, key, adapted, vectors, info))
+        by_key: dict[str, list] = {}
+        for item in prepared:
+            by_key.setdefault(item[1], []).append(item)
+        with self._lock:
+            for name in adapters:
+                self._check_name(name)
+            for key, items in by_key.items():
+                self._groups[key] = self._insert(self._groups.get(key), key, items)
+            for name, key, _, _, info in prepared:
+                self._where[name] = key
+                self._info[name] = info
             self.version += 1
-        return info
+        return [item[4] for item in prepared]
+
+    def _insert(self, group: _Group | None, key: str, items: list) -> _Group:
+        """`group` (or a new one) with the items' vectors written into free rows."""
+        if group is None:
+            adapted = items[0][2]
+            a, b = (jnp.asarray(m, jnp.float32) for m in (adapted.projections["A"], adapted.projections["B"]))
+            group = _Group(key, adapted.config.r, {"A": a, "B": b}, (), {}, {}, {}, {}, set())
+        group = self._with_layers(group, [s for item in items for s in item[2].layers])
+        while len(group.free_rows()) < len(items):
+            group = self._grown(group)
+        rows = np.asarray(group.free_rows()[: len(items)])
+        for layer in group.layers:
+            zeros = (np.zeros(group.r, np.float32), np.zeros(layer.out_features, np.float32))
+            vecs = [item[3].get(layer.name, zeros) for item in items]
+            group.d[layer.name] = group.d[layer.name].at[rows].set(np.stack([d for d, _ in vecs]))
+            group.b[layer.name] = group.b[layer.name].at[rows].set(np.stack([b for _, b in vecs]))
+        for (name, *_), row in zip(items, rows):
+            group.rows[name] = int(row)
+        return group
 
     @staticmethod
     def _with_layers(group: _Group, layers) -> _Group:
         """The group with `layers` added to its union (new layers zero for existing rows)."""
         capacity = group.capacity if group.d else MIN_CAPACITY
         known = {s.name for s in group.layers}
-        new = tuple(s for s in layers if s.name not in known)
+        new = tuple({s.name: s for s in layers if s.name not in known}.values())
         if not new:
             return group
         d, b = dict(group.d), dict(group.b)
