@@ -365,3 +365,14 @@ def test_runner_keeps_gguf_blocks(tmp_path):
     config = runner_config("gguf")
     with pytest.raises(runner.ConfigError, match="model.quantize: 'gguf' keeps a .gguf file's 4-bit blocks"):
         runner.load_model(config)
+
+
+def test_adapter_file_round_trip_on_quantized_base(tmp_path):
+    _, params, _ = tiny_llama()
+    qparams = quant.quantize_params(params, "nf4")
+    adapted = vera_jax.apply_vera(qparams, vera_jax.VeraConfig(r=4, targets=("query", "value"), b_initial=0.1))
+    vera_jax.save_adapter(tmp_path / "adapter", adapted)
+    loaded = vera_jax.load_adapter(tmp_path / "adapter", qparams)
+    assert loaded.layers == adapted.layers
+    np.testing.assert_array_equal(np.asarray(loaded.adapter["layer_1"]["attention"]["value"]["lambda_b"]),
+                                  np.asarray(adapted.adapter["layer_1"]["attention"]["value"]["lambda_b"]))

@@ -34,9 +34,11 @@ expressed: `QArray.scale` is a plain float array that `dequantize` multiplies by
 0.5625 bytes/parameter instead of 0.516; (2) it works by rewriting the model class
 (`qwix.quantize_model`) and intercepting `jax.lax.dot_general` inside it, so every apply in the
 trainer, the evals, generation and the auto path's merged branch would need the rewritten model
-instead of the user's; (3) its `WithAux`/`QArray` param nodes carry layout decisions (uint4
-storage, logical tiling) we would still have to map to our sharding rules and GGUF blocks. The
-part we need is small, so it is here, with the same numerics as QLoRA.
+instead of the user's; (3) its param nodes (`WithAux` holding a `QArray` of uint4 codes and float
+scales) cannot hold a GGUF file's Q4 blocks as stored, and our merged path and optax labels met
+them unguarded (merge failed with "Unsupported type: QArray", labels on their attribute keys).
+Its uint4 codes do take 0.5 bytes in XLA:CPU's argument figures, as ours do in uint8 pairs. The
+part we need is small, so it is here, with QLoRA's numerics.
 """
 
 from __future__ import annotations

@@ -58,7 +58,7 @@ def _trained_leaves(adapted: Adapted) -> dict[str, tuple[str, tuple, object]]:
     out = {}
     for tree in ("adapter", "base"):
         for path, value in flatten(getattr(trainable, tree)).items():
-            if value is None:
+            if not jax.tree.leaves(value):  # frozen: None, or a quantized kernel's emptied node
                 continue
             prefix = tree if tree == "adapter" else ("head" if get_path(labels.base, path) == HEAD else "base")
             out[path_str((prefix,) + path)] = (tree, path, value)
