@@ -153,4 +153,5 @@ def apply_adapted(
 def apply_factored(model: nn.Module, adapted: Adapted, *args, variables=None, dropout_rng=None, **apply_kwargs):
     """`apply_adapted(..., path="factored")`: every adapted layer adds its low-rank term to
     `x @ W0`, without building W0 + delta."""
-    return apply_adapted(model, adapted, *args, path="factored", variables=variables, dropout_rng=dropout_rng, **apply_kwargs)
+    return apply_adapted(model, adapted, *args, path="factored", variables=variables, dropout_rng=dropout_rng,
+                         **apply_kwargs)
