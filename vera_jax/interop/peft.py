@@ -25,6 +25,9 @@ with `save_projection: false` holds no A/B: PEFT redraws them with torch's gener
 cannot reproduce, so loading needs the caller's `projections`. Features with no counterpart
 here (DoRA, trained biases, per-module ranks, initialisations that rewrite the base weights,
 ...) are refused with the field that asks for them.
+
+One module of ~500 lines on purpose: the reader and the writer share the format's rules (which
+names map where, which features are refused and why); split apart, each rule would be stated twice.
 """
 
 from __future__ import annotations
