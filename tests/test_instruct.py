@@ -186,6 +186,16 @@ def test_mt_bench_answers_are_fastchat_records_with_two_turns(llama_dir, data_fi
         (choice,) = r["choices"]
         assert choice["index"] == 0 and len(choice["turns"]) == 2 and all(isinstance(t, str) for t in choice["turns"])
     assert [mt_bench.temperature(q["category"]) for q in questions] == [0.7, 0.0, 0.1, 0.0, 0.7]
+    cli = subprocess.run(
+        [sys.executable, "-m", "experiments.mt_bench", "--config", "configs/smollm2_alpaca.py",
+         f"--config.model.checkpoint={llama_dir}", "--config.model.random_init=True",
+         f"--config.mt_bench.questions={qfile}", "--config.mt_bench.max_new_tokens=4", "--config.mt_bench.batch_size=2",
+         "--adapter", str(tmp_path / "run" / "adapter")], cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"},
+        capture_output=True, text=True, timeout=600)
+    assert cli.returncode == 0, cli.stderr[-2000:]
+    written = tmp_path / "run" / "model_answer" / f"{os.path.basename(llama_dir)}-vera.jsonl"
+    assert json.loads(cli.stdout.strip().splitlines()[-1])["output"] == str(written)
+    assert [len(json.loads(line)["choices"][0]["turns"]) for line in written.read_text().splitlines()] == [2] * 5
     real = os.path.join(ROOT, "..", "shared", "data", "mt_bench", "question.jsonl")
     if os.path.isfile(real):
         assert len(mt_bench.read_questions(real)) == 80
