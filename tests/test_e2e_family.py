@@ -17,7 +17,7 @@ import optax
 import pytest
 
 from configs import e2e_common, gpt2_large_e2e, gpt2_medium_e2e
-from vera_jax.tasks import e2e, runner
+from vera_jax.tasks import causal_lm, e2e, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NAMES, FOODS = ["The Eagle", "Zizzi", "Aromi", "The Mill"], ["French", "Italian", "Chinese"]
@@ -98,7 +98,7 @@ def test_steps_zero_scores_the_untuned_model(gpt2_dir, e2e_dir, tmp_path):
 def test_loss_covers_only_the_continuation_with_label_smoothing(gpt2_dir, e2e_dir):
     task, info, config = runner.build(e2e.FAMILY, tiny_config(gpt2_dir, e2e_dir))
     row = task.train_data[0]
-    n, ctx = len(row["ids"]), int(row["context"])
+    n, ctx = len(row["ids"]), int(row["prompt"])
     batch = task.collate([row], n)
     width = batch["ids"].shape[1]
     assert width == (16 if n <= 16 else 32) and batch["ids"][0, ctx - 1] == row["ids"][ctx - 1]
@@ -107,7 +107,7 @@ def test_loss_covers_only_the_continuation_with_label_smoothing(gpt2_dir, e2e_di
     targets, weights = jnp.array([[1, 2, 3, 4, 5], [6, 0, 1, 2, 3]]), jnp.array([[0, 0, 1, 1, 1], [1, 1, 0, 0, 0]])
     smoothed = optax.smooth_labels(jax.nn.one_hot(targets, 7), 0.1)
     expected = (optax.softmax_cross_entropy(logits, smoothed) * weights).sum() / weights.sum()
-    np.testing.assert_allclose(e2e.lm_loss(logits, targets, weights, 0.1), expected, rtol=1e-6)
+    np.testing.assert_allclose(causal_lm.lm_loss(logits, targets, weights, 0.1), expected, rtol=1e-6)
 
 
 def test_prompts_are_left_padded_and_end_in_the_separator(gpt2_dir, e2e_dir):

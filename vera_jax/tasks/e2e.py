@@ -16,7 +16,6 @@ import os
 
 import grain
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from vera_jax import data as data_lib
@@ -25,7 +24,7 @@ from vera_jax.metrics import nlg
 from vera_jax.models import generate
 from vera_jax.train import Eval
 
-from . import runner
+from . import causal_lm, runner
 
 ADVICE = "and the official CSVs with --config.data.dir=/path/to/e2e (trainset.csv, devset.csv, testset_w_refs.csv)"
 STOP = "\n\n"
@@ -46,14 +45,6 @@ def load_data(config) -> dict:
     return {"train": train, "mrs": mrs, "refs": refs}
 
 
-def lm_loss(logits, targets, weights, smoothing: float):
-    """Mean over weighted positions of label-smoothed cross-entropy ((1 - s) * NLL + s * uniform CE)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    per_token = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)
-    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
-
-
 def make_parts(config, model: runner.Model, data) -> runner.Parts:
     d, dec, tok = config.data, config.decode, model.tokenizer
     if tok is None:
@@ -67,18 +58,12 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
         context, target = encode(mr) + [eos], encode(" " + ref) + [eos]
         ids = (context + target)[: d.max_length]
         truncated += len(context) + len(target) > d.max_length
-        train.append({"ids": np.asarray(ids, np.int32), "context": np.int32(len(context))})
+        train.append({"ids": np.asarray(ids, np.int32), "prompt": np.int32(len(context))})
     prompts = [np.asarray((encode(mr) + [eos])[-d.max_length:], np.int32) for mr in data["mrs"]]
     order = np.argsort([len(p) for p in prompts], kind="stable")
 
-    def collate(rows, longest):
-        n = data_lib.bucket_for(longest, buckets)
-        ids, mask, weights = (np.zeros((len(rows), n), np.int32) for _ in range(3))
-        ids[:] = pad
-        for i, row in enumerate(rows):
-            ids[i, :len(row["ids"])], mask[i, :len(row["ids"])] = row["ids"], 1
-            weights[i, row["context"]:len(row["ids"])] = 1  # the continuation: targets after the separator
-        return {"ids": ids, "mask": mask, "weights": weights}
+    def collate(rows, longest):  # the continuation after the separator is the target
+        return causal_lm.pad_targets(rows, data_lib.bucket_for(longest, buckets), pad)
 
     def prompt_collate(rows, longest):  # left-padded prompts, so generation continues every row at once
         n = data_lib.bucket_for(longest, buckets)
@@ -90,7 +75,7 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
     def loss_fn(params, batch, rng):
         logits = model.module.apply({"params": params}, batch["ids"], attention_mask=batch["mask"],
                                     deterministic=False, rngs={"dropout": jax.random.fold_in(rng, 0)})
-        return lm_loss(logits[:, :-1], batch["ids"][:, 1:], batch["weights"][:, 1:], config.label_smoothing), {}
+        return causal_lm.shifted_loss(logits, batch, config.label_smoothing), {}
 
     def eval_fn(adapted, batch):
         tokens = generate.beam_search(model.module, adapted, batch["ids"], batch["mask"], dec.max_new_tokens,

@@ -22,8 +22,7 @@ from vera_jax import data as data_lib
 from vera_jax.data import alpaca
 from vera_jax.train import Eval
 
-from . import runner
-from .e2e import lm_loss
+from . import causal_lm, runner
 
 TEMPLATES = ("alpaca", "chat")
 ADVICE = ("and the data with --config.data.path=/path/to/alpaca_data_cleaned.json (alpaca-format JSON/JSONL, "
@@ -102,14 +101,8 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
         raise runner.ConfigError(f"data.max_length: {d.max_length} leaves {len(train)} training examples with a "
                                  f"response token (prompts of {dropped} fill it), fewer than batch_size")
 
-    def collate(rows, longest):
-        n = data_lib.bucket_for(longest, buckets)
-        ids, mask, weights = (np.zeros((len(rows), n), np.int32) for _ in range(3))
-        ids[:] = pad
-        for i, row in enumerate(rows):
-            ids[i, :len(row["ids"])], mask[i, :len(row["ids"])] = row["ids"], 1
-            weights[i, row["prompt"]:len(row["ids"])] = 1  # response tokens: output and EOS
-        return {"ids": ids, "mask": mask, "weights": weights}
+    def collate(rows, longest):  # response tokens (output and EOS) are the target
+        return causal_lm.pad_targets(rows, data_lib.bucket_for(longest, buckets), pad)
 
     def logits_of(params, batch, train, rng=None):
         kw = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 0)}} if train else {}
@@ -117,11 +110,11 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
 
     def loss_fn(params, batch, rng):
         logits = logits_of(params, batch, True, rng)
-        return lm_loss(logits[:, :-1], batch["ids"][:, 1:], batch["weights"][:, 1:], 0.0), {}
+        return causal_lm.shifted_loss(logits, batch), {}
 
     def eval_fn(params, batch):
         logits, targets, weights = logits_of(params, batch, False)[:, :-1], batch["ids"][:, 1:], batch["weights"][:, 1:]
-        per_row = jax.vmap(lambda lg, t, w: lm_loss(lg, t, w, 0.0))(logits, targets, weights)
+        per_row = jax.vmap(lambda lg, t, w: causal_lm.lm_loss(lg, t, w))(logits, targets, weights)
         tokens = weights.sum(-1)
         return {"nll": per_row * tokens, "tokens": tokens}
 
