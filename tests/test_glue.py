@@ -16,6 +16,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import glue_common
+from vera_jax.data import common as data_common
 from vera_jax.models import roberta
 from vera_jax.tasks import glue, runner
 
@@ -202,7 +203,7 @@ def test_hub_checkpoint_offline_fails_fast_with_advice(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(runner, "reachable", lambda url, timeout: "name resolution failed")
+    monkeypatch.setattr(data_common, "reachable", lambda url, timeout: "name resolution failed")
     with pytest.raises(runner.CheckpointUnavailableError,
                        match=r"'roberta-large' is not a local directory.*name resolution failed.*"
                              r"--config.model.checkpoint=/path/to/roberta-large.*--config.data.dir="):

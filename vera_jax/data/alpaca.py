@@ -21,7 +21,7 @@ import logging
 import os
 from typing import Optional
 
-from .common import DataUnavailableError, reachable
+from .common import DataUnavailableError, hub_unreachable
 
 FIELDS = ("instruction", "input", "output")
 BAD_RECORDS = ("skip", "refuse")
@@ -131,7 +131,7 @@ def hub_file(dataset: str = HUB_DATASET, filename: str = HUB_FILE, *, revision: 
              cache_dir: str = "", timeout: float = 5.0) -> str:
     """The dataset's JSON file from the Hugging Face cache, else downloaded; offline and not
     cached, fails within `timeout` seconds saying how to pass a local file."""
-    from huggingface_hub import constants, hf_hub_download
+    from huggingface_hub import hf_hub_download
 
     kw = dict(repo_id=dataset, filename=filename, repo_type="dataset", revision=revision or None,
               cache_dir=cache_dir or None)
@@ -139,7 +139,7 @@ def hub_file(dataset: str = HUB_DATASET, filename: str = HUB_FILE, *, revision: 
         return hf_hub_download(**kw, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached; whether it can be downloaded is checked next
         pass
-    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else reachable(constants.ENDPOINT, timeout)
+    reason = hub_unreachable(timeout)
     if reason is not None:
         raise DataUnavailableError(
             f"data.hub_dataset {dataset!r} ({filename}) is not in the Hugging Face cache and cannot be downloaded "
@@ -159,9 +159,7 @@ def load(path: str = "", *, dataset: str = HUB_DATASET, filename: str = HUB_FILE
     except ImportError:
         datasets = None
     if datasets is not None:
-        from huggingface_hub import constants
-
-        if not constants.HF_HUB_OFFLINE and reachable(constants.ENDPOINT, timeout) is None:
+        if hub_unreachable(timeout) is None:
             rows = datasets.load_dataset(dataset, split="train", revision=revision or None,
                                          cache_dir=cache_dir or None)
             return check([dict(r) for r in rows], f"hub {dataset}", bad_records)

@@ -19,3 +19,11 @@ def reachable(url: str, timeout: float) -> Optional[str]:
         return None
     except OSError as e:
         return f"{parts.hostname}: {e}"
+
+
+def hub_unreachable(timeout: float) -> Optional[str]:
+    """None when the Hugging Face Hub can be downloaded from, else why not (HF_HUB_OFFLINE, or
+    its host does not answer within `timeout` s)."""
+    from huggingface_hub import constants
+
+    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else reachable(constants.ENDPOINT, timeout)

@@ -30,7 +30,7 @@ import ml_collections
 import vera_jax
 from vera_jax import quant
 from vera_jax import train as train_lib
-from vera_jax.data.common import DataUnavailableError, reachable
+from vera_jax.data.common import DataUnavailableError, hub_unreachable
 from vera_jax.models import common as model_common
 from vera_jax.models import hub
 
@@ -110,13 +110,13 @@ def resolve_checkpoint(name: str, timeout: float, advice: str = "") -> str:
         return name
     if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
         raise FileNotFoundError(f"model.checkpoint: {name} is not a checkpoint directory or .gguf file")
-    from huggingface_hub import constants, snapshot_download
+    from huggingface_hub import snapshot_download
 
     try:
         return snapshot_download(name, local_files_only=True)
     except Exception:  # noqa: BLE001 - not cached (the next step says whether it can be fetched)
         pass
-    reason = "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else reachable(constants.ENDPOINT, timeout)
+    reason = hub_unreachable(timeout)
     if reason is not None:
         raise CheckpointUnavailableError(
             f"model.checkpoint {name!r} is not a local directory, not in the Hugging Face cache, and cannot be "
