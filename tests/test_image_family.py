@@ -12,7 +12,7 @@ import time
 import jax
 import numpy as np
 import pytest
-from PIL import Image
+from test_data_images import _write_folder  # the image-folder writer of the data tests
 
 import vera_jax
 from configs import vit_common
@@ -25,15 +25,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY = {"hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2, "intermediate_size": 32,
         "image_size": 8, "patch_size": 4}
 CLASSES = {"ant": 4, "bee": 3, "cat": 5}
-
-
-def _write_folder(root, counts, split, seed):
-    rs = np.random.RandomState(seed)
-    for name, n in counts.items():
-        os.makedirs(os.path.join(root, split, name))
-        for i in range(n):
-            pixels = rs.randint(0, 256, (rs.randint(6, 20), rs.randint(6, 20), 3), np.uint8)
-            Image.fromarray(pixels).save(os.path.join(root, split, name, f"{i:03d}.{'png' if i % 2 else 'jpg'}"))
 
 
 @pytest.fixture(scope="module")

@@ -14,6 +14,7 @@ import time
 
 import numpy as np
 import pytest
+from _train_tiny import override  # dotted-key config overrides, shared with the trainer tests
 
 from configs import instruct_common, llama2_7b_alpaca, llama2_13b_alpaca, llama_7b_alpaca, llama_13b_alpaca
 from vera_jax.data import DataUnavailableError, alpaca
@@ -74,13 +75,7 @@ def tiny_config(checkpoint, data_path, method="vera", **fields):
     c.batch_size, c.grad_accum_steps, c.eval_batch_size, c.eval_every = 8, 2, 4, 2
     c.checkpoint_async, c.tensorboard, c.progress_bar, c.log_every_steps = False, False, False, 1
     c.data_threads = c.data_prefetch = 1
-    for key, value in fields.items():
-        *parents, leaf = key.split(".")
-        node = c
-        for p in parents:
-            node = node[p]
-        node[leaf] = value
-    return c
+    return override(c, fields)
 
 
 def test_prompts_are_stanford_alpaca_with_and_without_input(llama_dir):
