@@ -22,7 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from vera_jax.tree import flatten, get_path, set_path
+from vera_jax.tree import flatten, get_path, set_path, unflatten
 
 Dtype = Any
 
@@ -221,6 +221,7 @@ def params_from_entries(
     ignore: Sequence[str] = (),
     fresh: dict[str, Callable[[], dict]] | None = None,
     shape_info: dict[str, Any] | None = None,
+    finish: Callable[[tuple, np.ndarray], Any] | None = None,
 ) -> dict:
     """Build our param tree from HF tensors.
 
@@ -229,6 +230,10 @@ def params_from_entries(
     `fresh`: top-level subtree name -> initialiser, used only when the checkpoint holds
     none of that subtree's tensors (a base checkpoint loaded under a new head); a subtree
     that is partly present is an error like any other missing tensor.
+    `finish(path, value)`: what each converted leaf (fresh ones too) becomes, called before the
+    next tensor is read, e.g. cast, quantized and placed on devices; with `tensors` that read
+    themselves when converted (`hub.stored_tensors`) the host then holds one float tensor at a
+    time instead of the whole model (`hub.from_pretrained(quantize=...)`).
     """
     fresh = fresh or {}
     shape_info = shape_info or {}
@@ -255,7 +260,8 @@ def params_from_entries(
             misshapen.append(f"{e.hf}: checkpoint {tuple(tensors[e.hf].shape)}, model expects {want} "
                              f"after {e.kind!r} layout change ({'/'.join(e.path)})")
             continue
-        set_path(params, e.path, value)
+        set_path(params, e.path, value if finish is None else finish(e.path, value))
+        del value  # so a streamed load's previous tensor is freed before the next is read
     unexpected = sorted(k for k in tensors if k not in used and not any(re.search(p, k) for p in ignore))
     if missing or unexpected or misshapen:
         parts = []
@@ -268,6 +274,8 @@ def params_from_entries(
         raise CheckpointError("checkpoint does not match the model: " + " | ".join(parts))
     for g in sorted(fresh_groups):
         params[g] = fresh[g]()
+        if finish is not None:
+            params[g] = unflatten({p: finish((g,) + p, v) for p, v in flatten(params[g]).items()})
     return params
 
 

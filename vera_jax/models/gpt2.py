@@ -209,11 +209,12 @@ def _split_c_attn(tensors: dict) -> dict:
     return out
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict) -> dict:
-    """HF GPT2LMHeadModel / GPT2Model tensors -> params (c_attn split into query/key/value)."""
+def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, finish=None) -> dict:
+    """HF GPT2LMHeadModel / GPT2Model tensors -> params (c_attn split into query/key/value);
+    `finish` is applied to each leaf as it is made (`common.params_from_entries`)."""
     return common.params_from_entries(
         _split_c_attn(tensors), _entries(hf_config),
-        common.abstract_params(build(hf_config), dummy_inputs(hf_config)), ignore=IGNORED)
+        common.abstract_params(build(hf_config), dummy_inputs(hf_config)), ignore=IGNORED, finish=finish)
 
 
 def params_to_hf(params: dict, hf_config: dict) -> dict[str, np.ndarray]:

@@ -250,16 +250,17 @@ def _entries(hf_config: dict) -> list[common.Entry]:
     return out
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, finish=None) -> dict:
     """HF LlamaForCausalLM / LlamaModel tensors -> params (a tied checkpoint's lm_head copy is ignored).
 
     LlamaModel checkpoints lack the `model.` prefix; it is added so errors use one naming.
+    `finish` is applied to each leaf as it is made (`common.params_from_entries`).
     """
     ignore = IGNORED + ((r"^lm_head\.weight$",) if hf_config.get("tie_word_embeddings", False) else ())
     return common.params_from_entries(
         {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in tensors.items()},
         _entries(hf_config),
-        common.abstract_params(build(hf_config), dummy_inputs(hf_config)), ignore=ignore)
+        common.abstract_params(build(hf_config), dummy_inputs(hf_config)), ignore=ignore, finish=finish)
 
 
 def params_to_hf(params: dict, hf_config: dict) -> dict[str, np.ndarray]:

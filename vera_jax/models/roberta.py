@@ -259,13 +259,14 @@ def _heads(c: EncoderConfig) -> tuple[str, ...]:
     return ("classifier",) if c.roberta else ("pooler", "classifier")
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, head_seed: int = 0) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, head_seed: int = 0, finish=None) -> dict:
     """HF state dict (any of BASE_ARCHITECTURES or *ForSequenceClassification) -> params.
 
     With a classification architecture, a head subtree (`classifier`, and BERT's `pooler`)
     of which the checkpoint holds no tensor is initialised as
     `build(hf_config).init(jax.random.key(head_seed))` would; everything else must match.
     Ignored checkpoint tensors: `IGNORED`, plus `pooler.*` when the model has no pooler.
+    `finish` is applied to each leaf as it is made (`common.params_from_entries`).
     """
     c = EncoderConfig.from_hf(hf_config)
     module = Encoder(c)
@@ -279,6 +280,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, head_seed
         common.abstract_params(module, inputs),
         ignore=ignore,
         fresh={h: (lambda h=h: common.init_subtrees(module, inputs, [h], head_seed)[h]) for h in heads},
+        finish=finish,
     )
 
 

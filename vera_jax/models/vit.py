@@ -237,12 +237,13 @@ def _entries(c: ViTConfig) -> list[common.Entry]:
     return out
 
 
-def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, head_seed: int = 0) -> dict:
+def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, head_seed: int = 0, finish=None) -> dict:
     """HF ViTModel / ViTForImageClassification state dict -> params.
 
     A classifier absent from the checkpoint (a ViTModel checkpoint loaded for
     classification) is initialised as `build(hf_config).init(jax.random.key(head_seed))`
     would. Ignored checkpoint tensors: `IGNORED` (the unused pooler).
+    `finish` is applied to each leaf as it is made (`common.params_from_entries`).
     """
     c = ViTConfig.from_hf(hf_config)
     module = ViT(c)
@@ -255,6 +256,7 @@ def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, head_seed
         ignore=IGNORED,
         fresh={h: (lambda h=h: common.init_subtrees(module, inputs, [h], head_seed)[h]) for h in heads},
         shape_info={"conv_patches": (c.patch_size, c.num_channels)},
+        finish=finish,
     )
 
 

@@ -213,6 +213,20 @@ def checkpoint_path(config, advice: str = "") -> Optional[str]:
     return resolve_checkpoint(config.model.checkpoint, config.network_timeout, advice)
 
 
+def _streamed_load(config, path: str) -> dict:
+    """`hub.from_pretrained` options that quantize a safetensors checkpoint directory while it is
+    read, one tensor at a time (model.quantize "nf4" | "int8"), so a 7B/13B model never sits in host
+    memory in full precision; placed as the trainer's mesh (config.mesh) will shard it. Empty for
+    no quantization and for a .gguf file (read whole, then quantized by `load_model`)."""
+    m = config.model
+    if m.get("quantize") not in quant.METHODS or not os.path.isdir(path):
+        return {}
+    options = {"quantize": m.quantize, "quantize_skip": quant.DEFAULT_SKIP + tuple(m.head)}
+    if "mesh" in config:
+        options.update(mesh=train_lib.make_mesh(config.mesh), rules=tuple(tuple(r) for r in config.mesh.rules))
+    return options
+
+
 def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] = None,
                architecture: Optional[str] = None) -> Model:
     """The model of `config.model` from its local `path` (default: `checkpoint_path(config)`): the
@@ -234,7 +248,8 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
         tokenizer = hub.load_tokenizer(path) if path and os.path.isdir(path) else None
     else:
         stored = hub.read_config(path)
-        module, params, tokenizer = hub.from_pretrained(path, num_labels=num_labels, architecture=architecture)
+        module, params, tokenizer = hub.from_pretrained(path, num_labels=num_labels, architecture=architecture,
+                                                        **_streamed_load(config, path))
         hf_config = hub.task_config(stored, num_labels, architecture)
         if _needs_fresh_head(stored, num_labels):
             fresh = model_common.init_subtrees(module, hub.family(hf_config["model_type"]).dummy_inputs(hf_config),
@@ -254,7 +269,8 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
         params = gguf.keep_4bit(params, path)
         param_axes = quant.quantized_axes(params, param_axes)
     elif m.get("quantize"):
-        params = quant.quantize_params(params, m.quantize, skip=quant.DEFAULT_SKIP + tuple(m.head))
+        if not quant.has_quantized(params):  # random_init or a .gguf file: quantized here, whole
+            params = quant.quantize_params(params, m.quantize, skip=quant.DEFAULT_SKIP + tuple(m.head))
         param_axes = quant.quantized_axes(params, param_axes)
     return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path or m.checkpoint,
                  param_axes=param_axes)
