@@ -227,7 +227,7 @@ def test_auto_factors_quantized_layers(monkeypatch):
     assert vera_jax.choose_path(512, 64, 64, 256) == "merged"
     merged = []
     real = factored.layer_delta
-    monkeypatch.setattr(factored, "layer_delta", lambda a, s: merged.append(s.name) or real(a, s))
+    monkeypatch.setattr(factored, "layer_delta", lambda a, s, *dtype: merged.append(s.name) or real(a, s, *dtype))
     ids = jnp.asarray(tokens(64))  # 64 x 8 = 512 tokens
     config = vera_jax.VeraConfig(r=256, targets=("query",), b_initial=1e-3)
     y_float = vera_jax.apply_adapted(model, vera_jax.apply_vera(params, config), ids, path="auto")

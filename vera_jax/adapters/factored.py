@@ -3,7 +3,7 @@ layer where it is called.
 
 Factored: add the low-rank term to the layer's output, without building W0 + delta:
 
-    y = x @ W0 + (((x @ A_l.T) * d) @ B_l.T) * b          (VeRA)
+    y = x @ W0 + ((x @ A_l.T) * d) @ (b * B_l).T          (VeRA; b scales B_l's rows)
     y = x @ W0 + ((x @ A.T) @ B.T) * alpha / r            (LoRA)
 
 Auto: per layer, merged or factored by the cost model (`cost.py`) for the token count the layer
@@ -44,9 +44,14 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
     vec = get_path(adapted.adapter, spec.path)
     if adapted.method == "vera":
-        a, b = (m.astype(x.dtype) for m in layer_projections(adapted, spec))
-        h = (x @ a.T) * vec["lambda_d"].astype(x.dtype)
-        return (h @ b.T) * vec["lambda_b"].astype(x.dtype)
+        # b scales B's rows before the product, not the (tokens, out) product after it: autodiff
+        # of `(h @ B.T) * b` keeps that (tokens, out) product for b's gradient (out up to the MLP
+        # width per layer: more activation memory than LoRA's whole adapter); this way the
+        # backward keeps only (tokens, r) and pays one more tokens x r x out product
+        # (`cost.layer_costs`).
+        a, b = layer_projections(adapted, spec)
+        h = (x @ a.astype(x.dtype).T) * vec["lambda_d"].astype(x.dtype)
+        return h @ (b * vec["lambda_b"][:, None]).astype(x.dtype).T
     if adapted.method == "lora":
         h = x @ vec["lora_A"].astype(x.dtype).T
         return (h @ vec["lora_B"].astype(x.dtype).T) * jnp.asarray(adapted.config.scaling, x.dtype)
@@ -61,6 +66,7 @@ def call_adapted(
     train: bool = True,
     dropout_rng: jax.Array | None = None,
     params_transform: Callable | None = None,
+    compute_dtype=None,
 ):
     """`fn(params, *args)` on the adapted model, each adapted layer computed by the chosen path.
 
@@ -73,6 +79,8 @@ def call_adapted(
     dropout_rng: enables the config's adapter dropout (training), which forces the factored
       path (the merged path cannot drop the adapter's input alone); None disables it.
     params_transform: applied to the params handed to fn (e.g. a cast to the compute dtype).
+    compute_dtype: the dtype merged kernels are computed in (default: their own); with bfloat16
+      the merged deltas' products run in bfloat16 with float32 accumulation (`merge`).
     Results are equal across paths up to float rounding.
     """
     if path not in ("auto", "merged", "factored"):
@@ -88,7 +96,7 @@ def call_adapted(
         )
     if not adapted.layers or (path == "merged" and not dropout):
         with quant.maybe_dequantized(adapted.base):
-            return fn(transform(merge(adapted)), *args)
+            return fn(transform(merge(adapted, compute_dtype)), *args)
     specs = {spec.path: spec for spec in adapted.layers}
     quantized = quant.quantized_paths(adapted.base)
     seen: set[tuple] = set()
@@ -107,7 +115,8 @@ def call_adapted(
                 tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train) == "merged":
             own = dict(module.variables["params"])
             w0 = own["kernel"]
-            own["kernel"] = (w0.astype(jnp.float32) + layer_delta(adapted, spec).reshape(w0.shape)).astype(w0.dtype)
+            delta = layer_delta(adapted, spec, compute_dtype if compute_dtype is not None else w0.dtype)
+            own["kernel"] = (w0.astype(jnp.float32) + delta.reshape(w0.shape)).astype(w0.dtype)
             return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
         out = next_fun(*call_args, **call_kwargs)
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
