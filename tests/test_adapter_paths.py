@@ -54,7 +54,7 @@ def test_cost_model_picks_merged_for_vera_at_scale_and_factored_for_lora():
     assert vera_jax.choose_path(4096, 768, 768, 8, "lora", train=False) == "merged"
     costs = vera_jax.layer_costs(4096, 768, 768, 1024, "vera")
     assert costs["merged"] == 4096 * 768 * 768 + 3 * 768 * 1024 * 768
-    assert costs["factored"] == 2 * 4096 * 1024 * 1536
+    assert costs["factored"] == 4096 * 1024 * (2 * 768 + 3 * 768)
 
 
 def test_auto_decides_per_layer_from_the_tokens_it_sees():

@@ -56,8 +56,8 @@ def crossover(width: int, ranks: list[int], tokens_list: list[int], iters: int, 
 
 def predicted_crossover_tokens(width: int, r: int) -> int | None:
     """Fewest tokens from which the cost model picks merged for a VeRA (width, width) layer."""
-    # merged <= factored  <=>  tokens * (4 r w - w^2) >= 3 w^2 r  (square layer, k = 2)
-    slope = 4 * r * width - width * width
+    # merged <= factored  <=>  tokens * w^2 + 3 w^2 r <= tokens * r * (2w + 3w)  (square layer)
+    slope = 5 * r * width - width * width
     return None if slope <= 0 else math.ceil(3 * width * width * r / slope)
 
 

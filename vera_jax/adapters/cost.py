@@ -6,14 +6,18 @@ For a layer with `tokens` rows of input, kernel (n_in, n_out) and rank r:
                                                 frozen model never computes)
                       + 3*n_in*r*n_out         (form the delta, then the two products that take
                                                 dW back to the factors)
-             factored = k*tokens*r*(n_in+n_out) (forward x@A.T@B.T, the same again for the input
-                                                gradient; LoRA, k = 3, adds its factors' gradients,
-                                                VeRA, k = 2, needs only elementwise sums for d, b)
+             factored = LoRA: 3*tokens*r*(n_in+n_out) (forward x@A.T@B.T, the same again for the
+                                                input gradient, and the factors' gradients)
+                        VeRA: tokens*r*(2*n_in+3*n_out) (forward x@A.T and h@(b*B).T, backward
+                                                g@(b*B), g.T@h for b's gradient, and @A for the
+                                                input's; d's gradient is an elementwise sum)
   inference  merged   = n_in*r*n_out           (form W0 + delta once; the matmul is the base's)
              factored = tokens*r*(n_in+n_out)
 
-The merged path is cheaper when tokens*r*(n_in+n_out) outweighs n_in*n_out*(tokens + 3r)/k,
-which is VeRA's usual regime (large r), while LoRA's small r favours the factored path.
+The merged path is cheaper when the factored products outweigh n_in*n_out*(tokens + 3r), which
+is VeRA's usual regime (large r), while LoRA's small r favours the factored path. Both are the
+minimum the implementation reaches: the merged delta's backward is hand-written
+(`core.vera_delta`), and the factored VeRA term keeps only (tokens, r) activations.
 Memory, reported but not used to choose: merged holds W_eff and dW (2*n_in*n_out numbers),
 factored keeps the (tokens, r) activation for the backward pass.
 """
@@ -28,9 +32,8 @@ Path = Literal["merged", "factored"]
 def layer_costs(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True) -> dict:
     """Multiply-adds and extra activation/weight memory (in numbers) of both paths for one layer."""
     if train:
-        k = 2 if method == "vera" else 3
         merged = tokens * n_in * n_out + 3 * n_in * r * n_out
-        factored = k * tokens * r * (n_in + n_out)
+        factored = tokens * r * (2 * n_in + 3 * n_out) if method == "vera" else 3 * tokens * r * (n_in + n_out)
     else:
         merged = n_in * r * n_out
         factored = tokens * r * (n_in + n_out)
