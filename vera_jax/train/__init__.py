@@ -18,12 +18,13 @@ from .trainer import (
     TrainResult,
     TrainState,
     call_model_fn,
+    cast_params,
     make_train_step,
     train_and_evaluate,
 )
 
 __all__ = [
     "PREEMPTED_EXIT_CODE", "CheckpointMismatchError", "Eval", "NonFiniteLossError", "Preempted", "Task",
-    "TrainResult", "TrainState", "call_model_fn", "default_config", "initialize_distributed",
+    "TrainResult", "TrainState", "call_model_fn", "cast_params", "default_config", "initialize_distributed",
     "make_mesh", "make_optimizer", "make_train_step", "make_schedule", "param_shardings", "train_and_evaluate",
 ]

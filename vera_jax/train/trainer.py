@@ -32,6 +32,7 @@ from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
 import vera_jax
+from vera_jax import quant
 
 from . import data as data_lib
 from . import mesh as mesh_lib
@@ -56,8 +57,18 @@ def _is_none(x) -> bool:
     return x is None
 
 
-def _cast(tree, dtype):
-    return jax.tree.map(lambda x: x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x, tree)
+def cast_params(tree, dtype):
+    """Floating leaves cast to the compute dtype. A quantized kernel keeps its codes and scales as
+    stored (casting a GGUF float16 scale or an NF4 second-level scale would change the weights)
+    and dequantizes straight to `dtype`, so a bfloat16 step on a 4-bit base runs bfloat16 matmuls."""
+    dtype = jnp.dtype(dtype)
+
+    def cast(x):
+        if quant.is_quantized(x):
+            return x.replace(dtype_name=dtype.name) if jnp.issubdtype(x.dtype, jnp.floating) else x
+        return x.astype(dtype) if jnp.issubdtype(x.dtype, jnp.floating) else x
+
+    return jax.tree.map(cast, tree, is_leaf=quant.is_quantized)
 
 
 def call_model_fn(fn: Callable, adapted: vera_jax.Adapted, config, *args, dropout_rng=None, train: bool = True):
@@ -65,7 +76,8 @@ def call_model_fn(fn: Callable, adapted: vera_jax.Adapted, config, *args, dropou
     see `vera_jax.call_adapted`), params cast to `config.compute_dtype`."""
     dtype = jnp.dtype(config.compute_dtype)
     return vera_jax.call_adapted(fn, adapted, *args, path=config.adapter_path, train=train,
-                                 dropout_rng=dropout_rng, params_transform=lambda p: _cast(p, dtype))
+                                 dropout_rng=dropout_rng, params_transform=lambda p: cast_params(p, dtype),
+                                 compute_dtype=dtype)
 
 
 def _total_steps(config, per_epoch: Optional[int]) -> int:
