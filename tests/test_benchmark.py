@@ -7,13 +7,15 @@ import json
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 from absl import flags
 
 import vera_jax
 from experiments.benchmark import __main__ as cli
-from experiments.benchmark import crossover, report, shapes, steps
-from vera_jax.models import hub
+from experiments.benchmark import crossover, quantized, report, shapes, steps
+from vera_jax import quant
+from vera_jax.models import hub, llama
 
 TINY = dict(model="roberta-base", layers=1, hidden=32, batch=2, seq=16, iters=2, warmup=1, vera_r=16, lora_r=8,
             dtype="float32")
@@ -49,6 +51,28 @@ def test_every_method_has_its_figures_and_ratios_to_the_floor(with_peft):
     assert floor["trainable"] == 0
     assert (record["shape"]["layers"], record["shape"]["full_layers"], record["shape"]["tokens"]) == (1, 12, 32)
     assert json.loads(json.dumps(record)) == record
+
+
+def test_minimum_beside_each_step_is_the_floor_plus_the_cost_models_extra(with_peft):
+    """Hand count at TINY (1 layer, query and value 32 x 32, 32 tokens, VeRA r=16, LoRA r=8):
+    merged adds T*in*out + 3*in*r*out multiply-adds per layer, factored T*r*(2*in+3*out) (VeRA)
+    and 3*T*r*(in+out) (LoRA); FLOPs are twice that."""
+    methods = with_peft[0]["methods"]
+    t, d = 32, 32
+    merged, vera_factored, lora_factored = t * d * d + 3 * d * 16 * d, t * 16 * 5 * d, 3 * t * 8 * 2 * d
+    assert methods["vera_merged"]["extra_flops_min"] == 2 * 2 * merged
+    assert methods["vera_factored"]["extra_flops_min"] == 2 * 2 * vera_factored
+    assert methods["lora"]["extra_flops_min"] == 2 * 2 * min(lora_factored, t * d * d + 3 * d * 8 * d)
+    assert methods["vera_auto"]["extra_flops_min"] == 2 * 2 * min(merged, vera_factored)
+    assert methods["full"]["extra_flops_min"] is None and methods["full"]["step_vs_min"] is None
+    floor = methods["floor"]
+    assert floor["xla_flops"] > 0 and floor["min_vs_floor"] == 1.0
+    for name in ("vera_merged", "vera_factored", "lora"):
+        r = methods[name]
+        assert r["min_vs_floor"] == pytest.approx((floor["xla_flops"] + r["extra_flops_min"]) / floor["xla_flops"])
+        assert r["step_vs_min"] == pytest.approx(r["step_vs_floor"] / r["min_vs_floor"])
+        assert r["xla_flops_vs_floor"] == pytest.approx(r["xla_flops"] / floor["xla_flops"])
+    assert "minimum × floor" in with_peft[1] and "× minimum" in with_peft[1]
 
 
 def test_trainable_counts_are_adapter_vectors_only(with_peft):
@@ -145,3 +169,53 @@ def test_bad_flags_are_named(argv, message):
 def test_roberta_sequence_longer_than_positions_is_refused():
     with pytest.raises(ValueError, match="seq: 600"):
         shapes.make_batch(shapes.model_config("roberta-base", 1), 1, 600)
+
+
+def test_quantized_benchmark_rows_floor_minimum_and_vera_over_lora_ratios():
+    """The Appendix C benchmark on a tiny LLaMA: per base a floor row and each method:rank row,
+    the minimum beside each step, VeRA / LoRA r=64 ratios; bfloat16 compute on the NF4 base
+    keeps the kernels' codes and scales as stored (cast_params) and dequantizes to bfloat16."""
+    cfg = quantized.llama_config(layers=1, hidden=64, vocab=64)
+    record = quantized.benchmark(cfg, ["float32", "nf4"], [("vera", 64), ("lora", 64), ("vera", 16)], batch=2, seq=8,
+                                 iters=1, warmup=0, dtype="bfloat16")
+    keys = [(row["base"], row["method"], row["r"]) for row in record["rows"]]
+    assert keys == [(b, m, r) for b in ("float32", "nf4") for m, r in (("floor", 0), ("vera", 64), ("lora", 64),
+                                                                        ("vera", 16))]
+    tokens = 16
+    for row in record["rows"]:
+        assert row["step_ms"] > 0 and row["xla_flops"] > 0 and row["memory"]["peak_estimate"] > 0
+        if row["method"] == "floor":
+            assert row["min_vs_floor"] == 1.0 and row["trainable"] == 0
+        else:
+            assert row["min_vs_floor"] > 1.0 and row["step_vs_min"] == pytest.approx(
+                row["step_vs_floor"] / row["min_vs_floor"])
+    vera64 = next(r for r in record["rows"] if (r["base"], r["method"], r["r"]) == ("nf4", "vera", 64))
+    # factored VeRA: tokens * r * (2 * in + 3 * out) multiply-adds per layer, summed over the 7 linear layers
+    shapes = [(64, 64)] * 4 + [(64, 192), (64, 192), (192, 64)]  # one kv head of 64: k, v are 64 x 64
+    assert vera64["extra_flops_min"] == 2 * sum(tokens * 64 * (2 * i + 3 * o) for i, o in shapes)
+    assert vera64["quantized_params"] > 0 and set(record["ratios"]) == {
+        f"{b}/vera_r{r}_over_lora_r64" for b in ("float32", "nf4") for r in (64, 16)}
+    params = jax.jit(lambda: nn.unbox(llama.build(cfg).init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32)))[
+        "params"])()
+    q = quant.quantize_params(params, "nf4")
+    cast = vera_jax.train.cast_params(q, jnp.bfloat16)
+    kernel, before = cast["layer_0"]["attention"]["query"]["kernel"], q["layer_0"]["attention"]["query"]["kernel"]
+    assert kernel.dequantize().dtype == jnp.bfloat16 and kernel.absmax_scale.dtype == jnp.float32
+    np.testing.assert_array_equal(kernel.dequantize(), before.dequantize().astype(jnp.bfloat16))
+
+
+def test_count_only_counts_the_same_programs_without_weights(with_peft):
+    """--count_only lowers the same steps on abstract weights: the same XLA FLOPs and minimum as
+    the timed run, no timings; the quantized benchmark's count mode likewise."""
+    record = report.benchmark_record(**TINY, methods=list(steps.METHODS), against_peft=False, count_only=True)
+    assert record["mode"] == "count"
+    timed = with_peft[0]["methods"]
+    for method, r in record["methods"].items():
+        assert "step_ms" not in r and r["xla_flops"] == timed[method]["xla_flops"], method
+        assert r["min_vs_floor"] == timed[method]["min_vs_floor"], method
+    assert "XLA GFLOPs" in report.markdown(record)
+    cfg = quantized.llama_config(layers=1, hidden=64, vocab=64)
+    counted = quantized.benchmark(cfg, ["nf4"], [("vera", 16)], batch=2, seq=8, iters=1, warmup=0, count_only=True)
+    ran = quantized.benchmark(cfg, ["nf4"], [("vera", 16)], batch=2, seq=8, iters=1, warmup=0)
+    assert [r["xla_flops"] for r in counted["rows"]] == [r["xla_flops"] for r in ran["rows"]]
+    assert counted["mode"] == "count" and counted["ratios"] == {}

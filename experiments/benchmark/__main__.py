@@ -33,6 +33,8 @@ flags.DEFINE_enum("against", None, ["peft"], "also run HF PEFT (PyTorch) on the 
 flags.DEFINE_bool("crossover", False, "one-layer merged vs factored sweep instead of the model benchmark")
 flags.DEFINE_list("crossover_ranks", ["16", "64", "256", "1024", "4096"], "VeRA ranks of the crossover sweep")
 flags.DEFINE_list("crossover_tokens", ["64", "256", "1024", "4096", "16384"], "token counts of the crossover sweep")
+flags.DEFINE_bool("count_only", False, "count XLA's FLOPs per method and the minimum, on abstract weights, "
+                  "without running (e.g. a GPU run's shape, on a CPU)")
 flags.DEFINE_enum("format", "json", ["json", "markdown"], "stdout: the JSON record on one line, or a markdown table")
 flags.DEFINE_string("json", None, "also write the JSON record to this file")
 
@@ -63,7 +65,7 @@ def main(argv: list[str]) -> None:
     else:
         record = benchmark_record(FLAGS.model, FLAGS.layers, FLAGS.hidden, FLAGS.batch, FLAGS.seq, FLAGS.iters,
                                   FLAGS.warmup, FLAGS.methods, FLAGS.vera_r or PAPER_RANK[FLAGS.model],
-                                  FLAGS.lora_r, FLAGS.dtype, FLAGS.against == "peft")
+                                  FLAGS.lora_r, FLAGS.dtype, FLAGS.against == "peft", FLAGS.count_only)
         table = markdown
     line = json.dumps(record)
     if FLAGS.json:
