@@ -1,6 +1,8 @@
 """Continuous batching: requests join and leave between steps, outputs equal each request run alone,
 and the compiled shapes stay fixed however many requests come."""
 
+import concurrent.futures
+
 import numpy as np
 import pytest
 from _serving_tiny import EOS, alone, random_vera, tiny, word_tokenizer
@@ -89,3 +91,36 @@ def test_bad_requests_name_the_field(setup):
             engine.submit(Request([5, 6], **{field: value}))
     with pytest.raises(RequestError, match="prompt: token ids"):
         engine.submit(Request([5, 1000]))
+
+
+def test_on_token_hands_over_every_token_before_the_end_and_cancel_frees_the_slot(setup):
+    model, params, adapters, engine = setup
+    seen = []
+    streamed = engine.submit(Request([5, 6, 7], "a", max_tokens=6),
+                             on_token=lambda t: seen.append((t, streamed.done())))
+    long = engine.submit(Request([5, 6, 7], "b", max_tokens=20))
+    other = engine.submit(Request([8, 9], "c", max_tokens=6))
+    queued = engine.submit(Request([10, 11], "a", max_tokens=6))        # 3 slots: this one waits
+    engine.cancel(queued)
+    engine.step()
+    engine.step()
+    engine.cancel(long)
+    engine.step()
+    assert engine.stats()["active"] <= 2
+    assert isinstance(long.exception(), concurrent.futures.CancelledError)
+    while not (streamed.done() and other.done()):
+        engine.step()
+    assert queued.cancelled() and engine.stats()["active"] == 0
+    assert [t for t, _ in seen] == streamed.result().token_ids and not any(done for _, done in seen)
+    assert other.result().token_ids == alone(model, merged(params, adapters, "c"), [8, 9], 6)
+
+    def broken(token):
+        raise RuntimeError("the client's queue is gone")
+
+    failing = engine.submit(Request([5, 6], "a", max_tokens=4), on_token=broken)
+    fine = engine.submit(Request([5, 6], "b", max_tokens=4))
+    while not (failing.done() and fine.done()):
+        engine.step()
+    with pytest.raises(RuntimeError, match="queue is gone"):
+        failing.result()
+    assert fine.result().token_ids == alone(model, merged(params, adapters, "b"), [5, 6], 4)

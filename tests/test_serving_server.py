@@ -1,7 +1,9 @@
 """The OpenAI-compatible server, started by its CLI on 127.0.0.1 and driven by the official
-`openai` client: a concurrent burst over 3 adapters and the base equals each merged alone."""
+`openai` client: a concurrent burst over 3 adapters and the base equals each merged alone, and
+streamed answers concatenate to the unstreamed ones."""
 
 import concurrent.futures
+import json
 import os
 import socket
 import subprocess
@@ -11,11 +13,12 @@ import time
 import httpx
 import numpy as np
 import pytest
-from _serving_tiny import alone, random_vera, save_checkpoint, tiny, word_tokenizer
+from _serving_tiny import EOS, alone, random_vera, save_checkpoint, tiny, word_tokenizer
 
 import vera_jax
 from vera_jax.interop import save_peft_adapter
 from vera_jax.serving import BASE
+from vera_jax.serving.server import TextStream
 
 openai = pytest.importorskip("openai")
 ADAPTERS = {"a": (("query", "value"), 0, 8), "b": (("value",), 3, 8), "c": (("query", "value"), 5, 4),
@@ -128,8 +131,6 @@ def test_bad_requests_get_errors_naming_the_problem_and_the_server_stays_up(serv
         api.completions.create(model="nope", prompt=[5, 6], max_tokens=2)
     with pytest.raises(openai.BadRequestError, match="prompt: 46 tokens \\+ max_tokens 5 exceed the context of 48"):
         api.completions.create(model="a", prompt=list(range(3, 49)), max_tokens=5)
-    with pytest.raises(openai.BadRequestError, match="stream"):
-        api.completions.create(model="a", prompt=[5], max_tokens=2, stream=True)
     bad_json = httpx.post(f"{url}/v1/completions", content=b'{"model": "a", "prompt": [5,', timeout=30,
                           headers={"content-type": "application/json"})
     assert bad_json.status_code == 400 and "malformed JSON" in bad_json.json()["error"]["message"]
@@ -160,3 +161,115 @@ def test_adapters_load_and_unload_at_run_time(server):
     with pytest.raises(openai.NotFoundError):
         api.completions.create(model="late", prompt=[9], max_tokens=2)
     assert httpx.delete(f"{url}/v1/adapters/late", timeout=30).status_code == 404
+
+
+def test_streamed_completions_and_chat_concatenate_to_the_unstreamed_answers(server):
+    url = server[0]
+    api = client(url)
+    for name in (BASE, "a", "b"):
+        usage = {"stream_options": {"include_usage": True}} if name == "a" else {}
+        ask = {"model": name, "prompt": "w5 w9 w14", "max_tokens": 8, "temperature": 0}
+        whole = api.completions.create(**ask)
+        chunks = list(api.completions.create(**ask, stream=True, **usage))
+        texts = [c for c in chunks if c.choices]
+        assert all(c.object == "text_completion" and c.id == chunks[0].id for c in chunks)
+        assert "".join(c.choices[0].text for c in texts) == whole.choices[0].text, name
+        assert sum((c.choices[0].model_extra["token_ids"] for c in texts), []) == whole.choices[0].model_extra[
+            "token_ids"]
+        assert [c.choices[0].finish_reason for c in texts] == [None] * (len(texts) - 1) + [
+            whole.choices[0].finish_reason]
+        assert (chunks[-1].usage == whole.usage and not chunks[-1].choices) if usage else chunks[-1].usage is None
+
+        messages = [{"role": "user", "content": f"w{7 + len(name)} w6"}]
+        whole = api.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0)
+        chunks = list(api.chat.completions.create(model=name, messages=messages, max_tokens=6, temperature=0,
+                                                  stream=True, **usage))
+        texts = [c for c in chunks if c.choices]
+        assert all(c.object == "chat.completion.chunk" for c in chunks)
+        assert texts[0].choices[0].delta.role == "assistant"
+        assert "".join(c.choices[0].delta.content or "" for c in texts) == whole.choices[0].message.content, name
+        assert texts[-1].choices[0].finish_reason == whole.choices[0].finish_reason
+        assert all(c.choices[0].finish_reason is None for c in texts[:-1])
+        assert (chunks[-1].usage == whole.usage and not chunks[-1].choices) if usage else chunks[-1].usage is None
+
+
+def test_the_raw_stream_is_server_sent_events_ending_in_done(server):
+    url = server[0]
+    body = {"model": "c", "prompt": [[5, 6, 7], [9, 10]], "max_tokens": 4, "temperature": 0}
+    whole = httpx.post(f"{url}/v1/completions", json=body, timeout=60).json()
+    with httpx.stream("POST", f"{url}/v1/completions", json={**body, "stream": True}, timeout=60) as response:
+        assert response.status_code == 200 and response.headers["content-type"].startswith("text/event-stream")
+        raw = response.read().decode()
+    assert raw.endswith("\n\n")
+    events = raw[:-2].split("\n\n")
+    assert all(e.startswith("data: ") for e in events) and events[-1] == "data: [DONE]"
+    chunks = [json.loads(e[len("data: "):]) for e in events[:-1]]
+    for i in (0, 1):                                # two prompts: choices by index, interleaved as generated
+        mine = [c for chunk in chunks for c in chunk["choices"] if c["index"] == i]
+        assert "".join(c["text"] for c in mine) == whole["choices"][i]["text"]
+        assert [c["finish_reason"] for c in mine][-1] == whole["choices"][i]["finish_reason"]
+
+
+def test_a_stop_string_is_never_streamed_even_in_part(server):
+    url = server[0]
+    api = client(url)
+    for first in range(5, 40):                      # a prompt whose 4 greedy words are distinct and not EOS
+        ids = api.completions.create(model="a", prompt=[first, 9], max_tokens=4, temperature=0).choices[0].model_extra[
+            "token_ids"]
+        if len(ids) == 4 and len(set(ids)) == 4 and EOS not in ids:
+            break
+    else:
+        pytest.fail("no prompt with 4 distinct words")
+    words = [f"w{t}" for t in ids]
+    unused = next(f"w{t}" for t in range(3, 100) if f"w{t}" not in words)
+    for stop, text, reason in ((f"{words[1]} {words[2]}", f"{words[0]} ", "stop"),       # held back, then cut
+                               (f"{words[1]} {unused}", " ".join(words), "length")):    # held back, then sent
+        ask = {"model": "a", "prompt": [first, 9], "max_tokens": 4, "temperature": 0, "stop": stop}
+        whole = api.completions.create(**ask).choices[0]
+        assert (whole.text, whole.finish_reason) == (text, reason)
+        deltas = [c.choices[0].text for c in api.completions.create(**ask, stream=True)]
+        assert "".join(deltas) == text              # deltas only append: no part of a stop was ever sent
+
+
+def test_text_deltas_hold_back_split_characters_and_stop_prefixes():
+    class Bytes:                                    # a byte-level tokenizer: one token per UTF-8 byte
+        @staticmethod
+        def decode(ids, skip_special_tokens=True):
+            return bytes(ids).decode("utf-8", errors="replace")
+
+    text = "naïve 世界 🙂 end"
+    for stop, final in (((), text), (("界 🙂 x",), text), (("🙂",), "naïve 世界 "), (("世界",), "naïve ")):
+        stream, sent = TextStream(Bytes(), stop), ""
+        for byte in text.encode():                 # the engine would stop at the stop string; keep pushing anyway
+            sent += stream.push([byte])
+            assert "\ufffd" not in sent and final.startswith(sent), (stop, sent)
+            assert not any(sent.endswith(s[:j]) for s in stop for j in range(1, len(s))), (stop, sent)
+        assert sent == final and stream.finish(final) == ""
+
+
+def test_streamed_requests_are_refused_before_the_stream_as_json(server):
+    url = server[0]
+    api = client(url)
+    with pytest.raises(openai.NotFoundError, match="known: \\['base', 'a', 'b', 'c'\\]"):
+        api.completions.create(model="nope", prompt=[5, 6], max_tokens=2, stream=True)
+    with pytest.raises(openai.NotFoundError):
+        api.chat.completions.create(model="nope", messages=[{"role": "user", "content": "w5"}], stream=True)
+    with pytest.raises(openai.BadRequestError, match="exceed the context of 48"):
+        api.completions.create(model="a", prompt=list(range(3, 49)), max_tokens=5, stream=True)
+    bad = httpx.post(f"{url}/v1/completions", json={"model": "a", "prompt": [5], "stream": True, "top_p": 0},
+                     timeout=30)
+    assert bad.status_code == 422 and bad.headers["content-type"] == "application/json"
+    assert bad.json()["error"]["param"] == "top_p"
+
+
+def test_a_client_that_goes_away_frees_its_slot(server):
+    url = server[0]
+    body = {"model": "b", "prompt": [5, 6], "max_tokens": 40, "temperature": 0, "stream": True}
+    with httpx.stream("POST", f"{url}/v1/completions", json=body, timeout=60) as response:
+        next(response.iter_lines())                 # the first event, then hang up
+    deadline = time.time() + 60
+    while httpx.get(f"{url}/health", timeout=30).json()["engine"]["active"]:
+        assert time.time() < deadline, "the slot was never freed"
+        time.sleep(0.2)
+    again = list(client(url).completions.create(model="b", prompt=[5, 6], max_tokens=3, temperature=0, stream=True))
+    assert again[-1].choices[0].finish_reason in ("stop", "length")

@@ -13,6 +13,12 @@ per prompt bucket (`prefill_buckets`, default powers of two from 16 up to `max_l
 current bank structure. A bank change that adds a group or a layer, or doubles a group's capacity,
 retraces once; loading an adapter into free capacity does not. `compiles` counts every trace.
 
+Streaming: `submit(request, on_token=f)` calls `f(token_id)` on the engine thread for every token
+as it is sampled, before the request can finish, so a caller sees all of its tokens and then the
+future. `cancel(future)` ends a request early (a client that went away): queued, it never starts;
+running, its slot is freed before the next decode step. Neither adds a compile or changes a batch:
+a cancelled row leaves exactly as a finished one does.
+
 Sampling: temperature 0 is greedy (argmax); otherwise HF's temperature and top-p warpers and a
 draw keyed by (seed, step) as `sampling.sample_tokens` does, so a request's tokens depend only on
 its prompt, adapter, settings and seed, never on the other rows.
@@ -25,6 +31,7 @@ import concurrent.futures
 import dataclasses
 import secrets
 import threading
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -66,6 +73,7 @@ class _Active:
     future: concurrent.futures.Future
     ref: tuple | None
     seed: int
+    on_token: Callable[[int], None] | None = None
     tokens: list = dataclasses.field(default_factory=list)
 
 
@@ -107,6 +115,7 @@ class Engine:
         self._active: list[_Active | None] = [None] * slots
         self._next = np.zeros((slots,), np.int32)    # each row's next input token
         self._queue: collections.deque = collections.deque()
+        self._doomed: set = set()                    # futures of running requests to cancel at the next step
         self._cond = threading.Condition()
         self._thread: threading.Thread | None = None
         self._stopping = False
@@ -161,14 +170,31 @@ class Engine:
         if request.model != BASE and request.model not in self.bank.names():
             raise KeyError(self.bank.unknown(request.model))
 
-    def submit(self, request: Request) -> concurrent.futures.Future:
-        """Queues `request` (checked first); the future gets a Completion or the exception."""
+    def submit(self, request: Request, on_token: Callable[[int], None] | None = None) -> concurrent.futures.Future:
+        """Queues `request` (checked first); the future gets a Completion or the exception.
+
+        on_token: called with each new token id on the engine thread, in order, before the future
+        resolves; it must be quick (it runs between decode steps of every row). If it raises, the
+        request ends with that exception and the others go on.
+        """
         self.check(request)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
-            self._queue.append((request, future))
+            self._queue.append((request, future, on_token))
             self._cond.notify()
         return future
+
+    def cancel(self, future: concurrent.futures.Future) -> None:
+        """Ends the request behind `future` (thread-safe; a finished one is left alone).
+
+        A queued request is cancelled at once; a running one cannot be (its future is running), so
+        the loop frees its slot before the next decode step and sets CancelledError on the future.
+        """
+        if future.done() or future.cancel():
+            return
+        with self._cond:
+            self._doomed.add(future)
+            self._cond.notify()
 
     def generate(self, requests: list[Request], timeout: float = 600.0) -> list[Completion]:
         """Runs `requests` to completion (starting the loop if needed); in order."""
@@ -185,7 +211,7 @@ class Engine:
                 free = [i for i, a in enumerate(self._active) if a is None]
                 if not free or not self._queue:
                     return
-                request, future = self._queue.popleft()
+                request, future, on_token = self._queue.popleft()
             if not future.set_running_or_notify_cancel():
                 continue
             try:
@@ -197,7 +223,7 @@ class Engine:
             decoder = BankDecoder(self.model, structure)
             slot = free[0]
             seed = secrets.randbelow(2**32) if request.seed is None else request.seed
-            active = _Active(request, future, ref, seed)
+            active = _Active(request, future, ref, seed, on_token)
             try:
                 n = len(request.prompt)
                 bucket = next(b for b in self.buckets if b >= n)
@@ -220,6 +246,12 @@ class Engine:
         active.tokens.append(token)
         self._next[slot] = token
         self.generated += 1
+        if active.on_token is not None:
+            try:
+                active.on_token(token)
+            except Exception as e:  # noqa: BLE001 (a caller's callback never stops the engine)
+                self._drop(slot, e)
+                return
         request, reason = active.request, None
         text = None
         if token in self.eos_ids:
@@ -240,8 +272,20 @@ class Engine:
         self.bank.unpin(active.ref)
         active.future.set_result(Completion(active.tokens, text, reason, len(request.prompt)))
 
+    def _drop(self, slot: int, error: BaseException) -> None:
+        """Frees the slot of a request that ends without a Completion (cancelled, or its callback failed)."""
+        active, self._active[slot] = self._active[slot], None
+        self.bank.unpin(active.ref)
+        if not active.future.done():
+            active.future.set_exception(error)
+
     def step(self) -> bool:
-        """Admits queued requests into free slots, then one decode step; False when idle."""
+        """Drops cancelled rows, admits queued requests into free slots, then one decode step; False when idle."""
+        with self._cond:
+            doomed, self._doomed = self._doomed, set()
+        for i, a in enumerate(self._active):
+            if a is not None and a.future in doomed:
+                self._drop(i, concurrent.futures.CancelledError())
         self._admit()
         live = [i for i, a in enumerate(self._active) if a is not None]
         if not live:

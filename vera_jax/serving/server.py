@@ -12,12 +12,23 @@ Errors use OpenAI's body, {"error": {"message", "type", "param", "code"}}: an un
 404 listing the known ones; a prompt that does not fit the context is 400 with both lengths;
 malformed JSON is 400 and a bad field 422, naming the field; an adapter that does not fit is
 refused with 400 and the reason. Each choice also carries `token_ids` (an extension, as vLLM's
-`return_token_ids`). No streaming: `stream: true` is refused with 400.
+`return_token_ids`).
+
+Streaming (`stream: true`) answers `text/event-stream` as OpenAI and vLLM do: `data: {chunk}` events
+(`text_completion` chunks with `choices[i].text` deltas, or `chat.completion.chunk` with
+`choices[0].delta`, the first carrying the role), a chunk with each choice's `finish_reason`, a
+`usage` chunk when `stream_options.include_usage`, then `data: [DONE]`. Every error that the
+unstreamed request would get (404, 400, 422) comes before the stream starts, as JSON. The engine
+hands each token over as it is sampled (`Engine.submit(on_token=...)`); `TextStream` turns the
+tokens into text deltas whose concatenation is exactly the unstreamed text. A client that goes away
+cancels its requests, which frees their slots.
 """
 
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
+import json
 import time
 import uuid
 from typing import Any, Union
@@ -25,11 +36,17 @@ from typing import Any, Union
 from fastapi import FastAPI
 from fastapi.concurrency import run_in_threadpool
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, StreamingResponse
 from pydantic import BaseModel, ConfigDict, Field
 
 from vera_jax.serving.bank import BASE, AdapterBank
 from vera_jax.serving.engine import Engine, Request, RequestError
+
+
+class StreamOptions(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    include_usage: bool = False
 
 
 class _Sampling(BaseModel):
@@ -43,6 +60,7 @@ class _Sampling(BaseModel):
     stop: Union[str, list[str], None] = None
     n: int = Field(default=1, ge=1, le=1)
     stream: bool = False
+    stream_options: StreamOptions | None = None
 
 
 class CompletionBody(_Sampling):
@@ -67,6 +85,62 @@ class APIError(Exception):
     def __init__(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error"):
         super().__init__(message)
         self.status, self.message, self.param, self.kind = status, message, param, kind
+
+
+class TextStream:
+    """Text deltas of one generation from its tokens, so that the deltas concatenate to the final text.
+
+    Each step decodes the whole token list so far (a character made of several tokens, or a
+    tokenizer that merges pieces, then comes out right) and sends only what extends the text
+    already sent, holding back what may still change or must never be sent:
+    - a trailing U+FFFD: the start of a multi-byte character whose other bytes are still to come;
+    - any suffix that could be the start of a stop string: the stop string would be part of the
+      text if its remaining tokens arrive, and a stop string is never returned;
+    - everything from a stop string on (the engine ends the request at that token).
+    `finish` then sends the rest of the engine's own final text, so the stream equals the
+    unstreamed `text` even where the holding back guessed wrong. This needs decoding a longer list
+    to only append to the text of a shorter one; a tokenizer that rewrites earlier text (HF's
+    `clean_up_tokenization_spaces`, off by default) makes later deltas wait and, where it rewrites
+    text already sent, leaves the stream differing from the final text there.
+    """
+
+    def __init__(self, tokenizer, stop: tuple[str, ...] = ()):
+        self.tokenizer, self.stop = tokenizer, stop
+        self.tokens: list[int] = []
+        self.sent = ""
+
+    def visible(self, text: str) -> str:
+        """The longest part of `text` that is safe to send now."""
+        hits = [text.index(s) for s in self.stop if s in text]
+        if hits:
+            text = text[: min(hits)]
+        text = text.rstrip("\ufffd")
+        for k in range(min(len(text), max((len(s) for s in self.stop), default=1) - 1), 0, -1):
+            if any(s.startswith(text[-k:]) for s in self.stop):
+                return text[:-k]
+        return text
+
+    def push(self, tokens: list[int]) -> str:
+        """Takes new token ids; returns the new text that may be sent (often "")."""
+        self.tokens += tokens
+        if self.tokenizer is None:
+            return ""
+        text = self.visible(self.tokenizer.decode(self.tokens, skip_special_tokens=True))
+        if len(text) <= len(self.sent) or not text.startswith(self.sent):
+            return ""
+        delta, self.sent = text[len(self.sent):], text
+        return delta
+
+    def finish(self, text: str | None) -> str:
+        """The rest of the final text (the engine's, which cut any stop string)."""
+        text = text or ""
+        delta = text[len(self.sent):] if text.startswith(self.sent) else ""
+        self.sent += delta
+        return delta
+
+
+def _sse(payload) -> str:
+    return f"data: {payload if isinstance(payload, str) else json.dumps(payload)}\n\n"
 
 
 def _error(status: int, message: str, param: str | None, kind: str) -> JSONResponse:
@@ -106,8 +180,8 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
             raise APIError(404, bank.unknown(name), "model", "not_found_error")
 
     def requests_for(body: _Sampling, prompts: list[list[int]]) -> list[Request]:
-        if body.stream:
-            raise APIError(400, "stream: streaming is not supported; send stream=false", "stream")
+        if body.stream_options is not None and not body.stream:
+            raise APIError(400, "stream_options: only allowed with stream=true", "stream_options")
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if stop and tokenizer is None:
             raise APIError(400, "stop: stop strings need the checkpoint's tokenizer", "stop")
@@ -117,14 +191,94 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
             out.append(Request(ids, body.model, max_tokens, body.temperature, body.top_p, body.seed, stop))
         return out
 
-    async def run(requests: list[Request]):
+    def submit(requests: list[Request], on_token=None) -> list[concurrent.futures.Future]:
+        """Queues every request or none: all are checked first, so a bad one is refused before any runs."""
         try:
-            futures = [engine.submit(r) for r in requests]
+            for r in requests:
+                engine.check(r)
+            return [engine.submit(r, None if on_token is None else on_token(i)) for i, r in enumerate(requests)]
         except KeyError as e:
             raise APIError(404, str(e.args[0]), "model", "not_found_error") from None
         except RequestError as e:
             raise APIError(400, str(e), str(e).split(":")[0]) from None
-        return await asyncio.gather(*(asyncio.wrap_future(f) for f in futures))
+
+    async def run(requests: list[Request]):
+        return await asyncio.gather(*(asyncio.wrap_future(f) for f in submit(requests)))
+
+    def stream(body: _Sampling, requests: list[Request], chunk) -> StreamingResponse:
+        """Submits now (so a refusal is a JSON error) and streams the choices' deltas as they come.
+
+        The engine thread puts (choice, token) and then (choice, future) on one asyncio queue, in
+        that order, so every token is seen before its choice finishes. chunk(index, delta text,
+        token ids, finish_reason) makes one choice of a chunk; choices interleave as generated.
+        """
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue = asyncio.Queue()
+
+        def on_token(index):
+            return lambda token: loop.call_soon_threadsafe(events.put_nowait, (index, token))
+
+        futures = submit(requests, on_token)
+        for i, f in enumerate(futures):
+            f.add_done_callback(lambda f, i=i: loop.call_soon_threadsafe(events.put_nowait, (i, f)))
+        include_usage = bool(body.stream_options and body.stream_options.include_usage)
+        head = {"id": f"{'chatcmpl' if isinstance(body, ChatBody) else 'cmpl'}-{uuid.uuid4().hex}",
+                "object": "chat.completion.chunk" if isinstance(body, ChatBody) else "text_completion",
+                "created": int(time.time()), "model": body.model}
+        if include_usage:
+            head["usage"] = None
+
+        async def events_out():
+            texts = [TextStream(tokenizer, r.stop) for r in requests]
+            sent_ids = [0] * len(requests)
+            done: dict[int, Any] = {}
+            try:
+                for i in range(len(requests)):
+                    first = chunk(i, None, [], None)
+                    if first is not None:
+                        yield _sse({**head, "choices": [first]})
+                while len(done) < len(requests):
+                    batch = [await events.get()]
+                    while not events.empty():                # decode once per burst of tokens, not per token
+                        batch.append(events.get_nowait())
+                    new: dict[int, list[int]] = {}
+                    finished = []
+                    for i, item in batch:
+                        if isinstance(item, concurrent.futures.Future):
+                            finished.append(i)
+                            done[i] = item
+                        else:
+                            new.setdefault(i, []).append(item)
+                    choices = []
+                    for i in sorted(set(new) | set(finished)):   # one entry per choice: clients read choices[0]
+                        delta = texts[i].push(new.get(i, []))
+                        if i not in finished:
+                            if delta or tokenizer is None:
+                                choices.append(chunk(i, delta, texts[i].tokens[sent_ids[i]:], None))
+                                sent_ids[i] = len(texts[i].tokens)
+                            continue
+                        f = done[i]
+                        error = concurrent.futures.CancelledError() if f.cancelled() else f.exception()
+                        if error is not None:                # the engine failed it (it keeps serving the others)
+                            yield _sse({"error": {"message": f"internal error: {type(error).__name__}: {error}",
+                                                  "type": "server_error", "param": None, "code": 500}})
+                            yield _sse("[DONE]")
+                            return
+                        c = f.result()
+                        delta += texts[i].finish(c.text)
+                        choices.append(chunk(i, delta, c.token_ids[sent_ids[i]:], c.finish_reason))
+                        sent_ids[i] = len(c.token_ids)
+                    if choices:
+                        yield _sse({**head, "choices": choices})
+                if include_usage:
+                    yield _sse({**head, "choices": [], "usage": usage([done[i].result() for i in sorted(done)])})
+                yield _sse("[DONE]")
+            finally:                                         # the client went away (or we are done): free slots
+                for f in futures:
+                    engine.cancel(f)
+
+        return StreamingResponse(events_out(), media_type="text/event-stream",
+                                 headers={"cache-control": "no-cache"})
 
     def encode(text: str) -> list[int]:
         if tokenizer is None:
@@ -162,7 +316,14 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
             prompts = [list(x) for x in p]
         else:
             prompts = [list(p)]
-        done = await run(requests_for(body, prompts))
+        requests = requests_for(body, prompts)
+        if body.stream:
+            def chunk(i, text, ids, finish):
+                if text is None:                             # no opening chunk: a completion has no role
+                    return None
+                return {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "token_ids": ids}
+            return stream(body, requests, chunk)
+        done = await run(requests)
         choices = [{"index": i, "text": c.text or "", "finish_reason": c.finish_reason, "logprobs": None,
                     "token_ids": c.token_ids} for i, c in enumerate(done)]
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
@@ -177,7 +338,13 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
         messages = [m.model_dump() for m in body.messages]
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         ids = list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
-        done = await run(requests_for(body, [ids]))
+        requests = requests_for(body, [ids])
+        if body.stream:
+            def chunk(i, text, ids, finish):
+                delta = {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}
+                return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish, "token_ids": ids}
+            return stream(body, requests, chunk)
+        done = await run(requests)
         choices = [{"index": 0, "message": {"role": "assistant", "content": done[0].text or ""},
                     "finish_reason": done[0].finish_reason, "logprobs": None, "token_ids": done[0].token_ids}]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
