@@ -5,9 +5,6 @@ devices), a b ~ 1e-4 adapter surviving, merged refused, auto factoring, generati
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import flax.linen as nn
 import grain
@@ -17,14 +14,13 @@ import ml_collections
 import numpy as np
 import optax
 import pytest
+from _devices import run_child
 
 import vera_jax
 from vera_jax import quant
 from vera_jax.adapters import factored
 from vera_jax.models import generate, llama
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 TINY = {"vocab_size": 128, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
         "num_key_value_heads": 2, "intermediate_size": 128, "max_position_embeddings": 64}
 # One step on the 4-bit base against the same step on its dequantized float32 copy: the kernels are
@@ -154,13 +150,7 @@ def test_one_step_on_quantized_base_equals_dequantized_float_base(tmp_path, meth
 def test_one_step_on_two_devices_shards_the_quantized_base(tmp_path):
     """fsdp=2 over 2 simulated devices: codes and block scales are split like the kernels."""
     args = json.dumps({"workdir": str(tmp_path / "fsdp2"), "base": "nf4", "mesh": {"data": 1, "fsdp": 2}})
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
-                           f"import test_quant; test_quant.child({args!r})"],
-                          env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    sharded = json.loads(proc.stdout.strip().splitlines()[-1])
+    sharded = run_child("test_quant", args, devices=2)
     assert "fsdp" in json.dumps(sharded.pop("codes_sharding"))
     assert_same_step(sharded, one_step(tmp_path / "one", "nf4"))
 

@@ -6,23 +6,19 @@ and `experiments/load_memory.py`'s figures."""
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 import weakref
 
 import jax
 import ml_dtypes
 import numpy as np
 import pytest
+from _devices import run_child
 from safetensors.numpy import save_file
 
 from experiments import load_memory
 from vera_jax import quant
 from vera_jax.models import hub
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-ROOT = os.path.dirname(HERE)
 # 2 layers of 64 wide (GQA: 2 of 4 heads for keys/values), shards of <= 40 KiB: 7 files
 TINY = dict(layers=2, hidden=64, intermediate=128, vocab=128, heads=4, kv_heads=2, shard_mb=0.04)
 
@@ -149,13 +145,7 @@ def test_runner_loads_safetensors_streamed(checkpoint, monkeypatch):
 def test_streamed_load_shards_on_two_devices(checkpoint):
     """fsdp=2 over 2 simulated devices: each leaf lands with the trainer's sharding (codes split),
     and the values are the single-device plain path's (nf4, int8, and float with a mesh alone)."""
-    env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONPATH": ROOT,
-           "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
-    proc = subprocess.run([sys.executable, "-c", f"import sys; sys.path.insert(0, {HERE!r}); "
-                           f"import test_quant_streaming as t; t.child({checkpoint!r})"],
-                          env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out = run_child("test_quant_streaming", checkpoint, devices=2, timeout=120)
     assert out["devices"] == 2 and "fsdp" in out["codes_spec"], out
 
 
