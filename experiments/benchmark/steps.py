@@ -30,6 +30,7 @@ import jax.numpy as jnp
 import vera_jax
 from vera_jax import quant, train
 from vera_jax.adapters import cost
+from vera_jax.adapters.factored import layer_path
 from vera_jax.models import hub
 from vera_jax.train import make_train_step
 
@@ -77,13 +78,8 @@ def extra_flops(adapted: vera_jax.Adapted, path: str, tokens: int) -> float | No
     quantized = quant.quantized_paths(adapted.base)
     total = 0
     for spec in adapted.layers:
-        args = (tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, True)
-        chosen = path
-        if spec.path in quantized:
-            chosen = "factored"
-        elif path == "auto":
-            chosen = cost.choose_path(*args)
-        total += cost.layer_costs(*args)[chosen]
+        chosen = layer_path(adapted, spec, tokens, path, quantized=quantized)
+        total += cost.layer_costs(tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method)[chosen]
     return 2.0 * total
 
 

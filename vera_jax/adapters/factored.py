@@ -58,6 +58,18 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
     raise ValueError(f"method {adapted.method!r} has no factored path")
 
 
+def layer_path(adapted: Adapted, spec: LayerSpec, tokens: int, path: str, train: bool = True,
+               quantized: frozenset = frozenset(), dropout: bool = False) -> str:
+    """The path one adapted layer takes under `call_adapted(path=...)` with `tokens` input rows:
+    factored when asked, with adapter dropout, or for a quantized kernel (`quantized`: its layer
+    paths, never merged into); merged when asked; auto: the cost model's choice."""
+    if path == "factored" or dropout or spec.path in quantized:
+        return "factored"
+    if path == "merged":
+        return "merged"
+    return choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train)
+
+
 def call_adapted(
     fn: Callable,
     adapted: Adapted,
@@ -100,7 +112,6 @@ def call_adapted(
     specs = {spec.path: spec for spec in adapted.layers}
     quantized = quant.quantized_paths(adapted.base)
     seen: set[tuple] = set()
-    force_factored = path == "factored" or dropout
 
     def interceptor(next_fun, call_args, call_kwargs, context):
         module = context.module
@@ -111,8 +122,7 @@ def call_adapted(
         x = call_args[0]
         lead = x.shape[: x.ndim - spec.in_axes]
         tokens = math.prod(lead)
-        if not force_factored and spec.path not in quantized and choose_path(
-                tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train) == "merged":
+        if layer_path(adapted, spec, tokens, path, train, quantized, dropout) == "merged":
             own = dict(module.variables["params"])
             w0 = own["kernel"]
             delta = layer_delta(adapted, spec, compute_dtype if compute_dtype is not None else w0.dtype)
