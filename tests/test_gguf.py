@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from vera_jax.models import common, decoding, from_pretrained
+from vera_jax.models import common, from_pretrained, generate
 from vera_jax.models import gguf as gguf_io
 
 Q = gguf.GGMLQuantizationType
@@ -195,7 +195,7 @@ def test_real_smollm2_q4_1_matches_transformers():
     model, params, tokenizer = from_pretrained(path)
     print(f"vera_jax from_pretrained({os.path.basename(path)}): {time.perf_counter() - start:.1f} s")
     ids = np.asarray([tokenizer("The capital of France is")["input_ids"]])
-    tokens = np.asarray(decoding.greedy(model, params, jnp.asarray(ids), jnp.ones_like(ids), 8, None,
+    tokens = np.asarray(generate.greedy(model, params, jnp.asarray(ids), jnp.ones_like(ids), 8, None,
                                         tokenizer.eos_token_id))
     got = np.asarray(jax.jit(model.apply)({"params": params}, jnp.asarray(ids)))
     torch_model = transformers.LlamaForCausalLM.from_pretrained(

@@ -56,8 +56,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from .adapters.targets import matches
-from .tree import flatten, get_path, path_str, set_path
+from .tree import flatten, get_path, matches, path_str, set_path
 
 METHODS = ("nf4", "int8")
 # QLoRA, Appendix E (bitsandbytes' NF4 table): quantiles of N(0, 1) normalised to [-1, 1], exact 0.

@@ -4,14 +4,16 @@ over params-like trees (mappings of mappings of leaves).
 A path is the tuple of keys leading to a node, kept as they are: strings in linen params,
 integers too in flax.nnx params (an `nnx.List` of layers gives keys 0, 1, ...), so `flatten`,
 `get_path` and `set_path` round-trip on any tree. `path_str` joins the keys' `str()` with '/',
-the form targets are matched on and files name tensors by.
+the form targets are matched on (`matches`) and files name tensors by.
 """
 
 from __future__ import annotations
 
+import re
 from typing import Any, Hashable, Mapping
 
 Path = tuple[Hashable, ...]
+_NAME = re.compile(r"[A-Za-z0-9_/]+")
 
 
 def flatten(tree) -> dict[Path, Any]:
@@ -60,3 +62,13 @@ def set_path(tree: dict, path: Path, value) -> None:
     for key in path[:-1]:
         tree = tree.setdefault(key, {})
     tree[path[-1]] = value
+
+
+def matches(pattern: str, path: str) -> bool:
+    """PEFT's target rule on '/'-joined paths: a pattern made only of letters, digits, '_' and '/'
+    is a *name*, matching a path equal to it or ending in '/' + it ("query" matches every module
+    whose last name is `query`); any other pattern is a regex full-matched on the path. Adapter
+    targets and quantization skips both use it."""
+    if _NAME.fullmatch(pattern):
+        return path == pattern or path.endswith("/" + pattern)
+    return re.fullmatch(pattern, path) is not None

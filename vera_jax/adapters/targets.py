@@ -5,9 +5,8 @@ two or more axes (nn.Dense, nn.DenseGeneral, nnx.Linear). Its path is the tuple 
 leading to it, kept as they are (nnx lists give integer keys) and written as their str()s
 '/'-joined in patterns and files (`encoder/layer_0/attention/query`, `layers/0/q`).
 
-Pattern rule (PEFT's, on '/' instead of '.'): a pattern made only of letters, digits, '_' and
-'/' is a *name*: it matches a path equal to it or ending in '/' + it ("query" matches every
-module whose last name is `query`). Any other pattern is a regex full-matched on the path.
+Patterns follow `vera_jax.tree.matches` (PEFT's rule, on '/' instead of '.'): a name matches a
+path equal to it or ending in '/' + it; any other pattern is a regex full-matched on the path.
 
 Kernel rule: a kernel of shape (i_1..i_k, o_1..o_m) is the linear map (prod i, prod o), with
 k = 1 unless `kernel_in_axes` names the module (DenseGeneral with `axis=(-2, -1)`, an attention
@@ -18,14 +17,11 @@ is what DenseGeneral's contraction does.
 from __future__ import annotations
 
 import math
-import re
 from typing import Hashable, Iterable, Mapping, NamedTuple
 
 import numpy as np
 
-from ..tree import flatten, path_str
-
-_NAME = re.compile(r"[A-Za-z0-9_/]+")
+from ..tree import flatten, matches, path_str
 
 
 class LayerSpec(NamedTuple):
@@ -46,12 +42,6 @@ class LayerSpec(NamedTuple):
     @property
     def out_features(self) -> int:
         return math.prod(self.kernel_shape[self.in_axes :])
-
-
-def matches(pattern: str, path: str) -> bool:
-    if _NAME.fullmatch(pattern):
-        return path == pattern or path.endswith("/" + pattern)
-    return re.fullmatch(pattern, path) is not None
 
 
 def layer_index(path: tuple[Hashable, ...], layer_names: Iterable[str]) -> int | None:

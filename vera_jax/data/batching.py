@@ -2,16 +2,40 @@
 
 A batch is padded to the smallest bucket length that holds its longest example, so jit compiles
 once per bucket (a handful of shapes) rather than once per batch, and short batches do not pay for
-`max_length`. Which examples form a batch is the trainer's business (`vera_jax.train.data`).
+`max_length`. `epoch_order` says which examples form each batch of an epoch (the trainer's order,
+here so data helpers can ask it without importing the trainer).
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import numpy as np
 
-from vera_jax.train.data import epoch_order
+
+def full_batches(n: int, global_batch: int) -> int:
+    """Full global batches in `n` examples (the remainder is dropped); at least one."""
+    steps = n // global_batch
+    if steps == 0:
+        raise ValueError(f"train_data: {n} examples is less than batch_size {global_batch}")
+    return steps
+
+
+def epoch_order(n: int, *, global_batch: int, epoch: int, seed: int, shuffle: bool,
+                lengths: Optional[np.ndarray] = None, sort_window: int = 0) -> np.ndarray:
+    """(steps_per_epoch, global_batch) example indices of one epoch's batches."""
+    per_epoch = full_batches(n, global_batch)
+    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
+    batches = order[: per_epoch * global_batch].reshape(per_epoch, global_batch)
+    if lengths is not None and sort_window > 1:
+        windows = []
+        for s in range(0, per_epoch, sort_window):
+            w = batches[s: s + sort_window].reshape(-1)
+            windows.append(w[np.argsort(lengths[w], kind="stable")].reshape(-1, global_batch))
+        batches = np.concatenate(windows)
+        if shuffle:
+            batches = batches[np.random.default_rng([seed, epoch, 1]).permutation(per_epoch)]
+    return batches
 
 
 def bucket_lengths(max_length: int, buckets: Sequence[int] = ()) -> tuple[int, ...]:

@@ -1,29 +1,11 @@
-"""What every data reader shares: the offline error and the reachability probe behind it."""
+"""What every data reader shares: the offline error and the reachability probes behind it."""
 
 from __future__ import annotations
 
-import socket
-import urllib.parse
-from typing import Optional
+from vera_jax.network import hub_unreachable, reachable
+
+__all__ = ["DataUnavailableError", "hub_unreachable", "reachable"]
 
 
 class DataUnavailableError(RuntimeError):
     """The data is neither local nor downloadable (no network); the message says what to pass."""
-
-
-def reachable(url: str, timeout: float) -> Optional[str]:
-    """None when a TCP connection to the URL's host opens within `timeout` s, else the reason."""
-    parts = urllib.parse.urlparse(url)
-    try:
-        socket.create_connection((parts.hostname, parts.port or 443), timeout=timeout).close()
-        return None
-    except OSError as e:
-        return f"{parts.hostname}: {e}"
-
-
-def hub_unreachable(timeout: float) -> Optional[str]:
-    """None when the Hugging Face Hub can be downloaded from, else why not (HF_HUB_OFFLINE, or
-    its host does not answer within `timeout` s)."""
-    from huggingface_hub import constants
-
-    return "HF_HUB_OFFLINE is set" if constants.HF_HUB_OFFLINE else reachable(constants.ENDPOINT, timeout)

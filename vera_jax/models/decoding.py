@@ -19,9 +19,6 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 
-# The generation loops live in `generate`; these names stay importable here for existing callers.
-from vera_jax.models.generate import beam_search, greedy  # noqa: F401
-
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
 
 

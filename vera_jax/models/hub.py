@@ -36,6 +36,8 @@ import ml_dtypes
 import numpy as np
 from safetensors.numpy import load_file
 
+from vera_jax import sharding as sharding_lib
+
 FAMILIES = {
     "bert": "vera_jax.models.roberta",
     "roberta": "vera_jax.models.roberta",
@@ -246,8 +248,8 @@ def from_pretrained(
     skip=quantize_skip)` would when `quantize` is given (`quantize_skip` defaults to
     `quant.DEFAULT_SKIP`: lm_head and classifier stay as they are), every leaf computed on the
     default device and, given `mesh`, sharded as the trainer shards it
-    (`train.param_shardings` of the logical axes, `quant.quantized_axes` for quantized kernels,
-    by `rules`, default `train.default_config().mesh.rules`). A `.gguf` file is read whole first.
+    (`vera_jax.sharding.param_shardings` of the logical axes, `quant.quantized_axes` for quantized kernels,
+    by `rules`, default `vera_jax.sharding.DEFAULT_RULES`, the trainer's default). A `.gguf` file is read whole first.
     """
     if quantize is not None:
         from vera_jax import quant
@@ -312,8 +314,6 @@ def _leaf_finisher(model, dummy_inputs: tuple, param_dtype, quantize: str | None
                          "module")
     shardings = None
     if mesh is not None:
-        from vera_jax.train import default_config, param_shardings
-
         axes = nn.get_partition_spec(boxed)["params"]
         if quantize:
             def quantized(params):
@@ -324,8 +324,8 @@ def _leaf_finisher(model, dummy_inputs: tuple, param_dtype, quantize: str | None
 
             abstract = jax.eval_shape(quantized, abstract)
             axes = quant.quantized_axes(abstract, axes)
-        rules = default_config().mesh.rules if rules is None else rules
-        shardings = param_shardings(abstract, axes, mesh, rules)
+        rules = sharding_lib.DEFAULT_RULES if rules is None else rules
+        shardings = sharding_lib.param_shardings(abstract, axes, mesh, rules)
 
     def finish(path: tuple, value):
         leaf = jnp.asarray(value, dtype=param_dtype)
@@ -343,6 +343,4 @@ def _place(leaf, sharding):
     processes each one builds only the shards its devices hold."""
     if all(s.is_fully_addressable for s in jax.tree.leaves(sharding)):
         return jax.device_put(leaf, sharding)
-    from vera_jax.train.mesh import put
-
-    return put(leaf, sharding)
+    return sharding_lib.put(leaf, sharding)

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from vera_jax.sharding import DEFAULT_RULES
+
 
 def default_config() -> ml_collections.ConfigDict:
     """Defaults for `train_and_evaluate`; a family config starts from this and overrides fields."""
@@ -40,14 +42,7 @@ def default_config() -> ml_collections.ConfigDict:
     c.mesh.fsdp = 1  # fully-sharded axis: batch and params (via rules) split over it
     c.mesh.tensor = 1  # tensor-parallel axis: params split over it by rules
     c.mesh.batch_axes = ("data", "fsdp")  # mesh axes the batch dimension is split over
-    c.mesh.rules = (  # logical param axis -> mesh axis (None: replicated); first match wins
-        ("embed", "fsdp"),
-        ("mlp", "tensor"),
-        ("heads", "tensor"),
-        ("kv", None),
-        ("vocab", "tensor"),
-        ("joined_kv", "tensor"),
-    )
+    c.mesh.rules = DEFAULT_RULES  # logical param axis -> mesh axis (None: replicated); first match wins
 
     c.distributed = ml_collections.ConfigDict()
     c.distributed.enabled = False  # call jax.distributed.initialize in `initialize_distributed`

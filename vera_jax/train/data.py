@@ -20,6 +20,8 @@ import grain
 import jax
 import numpy as np
 
+from vera_jax.data.batching import epoch_order, full_batches
+
 
 def stack(examples: list, longest: Optional[int] = None) -> dict:
     """The default collate: examples of equal shapes stacked on a new batch axis."""
@@ -32,31 +34,7 @@ def steps_per_epoch(dataset, global_batch: int) -> int | None:
     each epoch when shuffling); None for an IterDataset."""
     if not isinstance(dataset, grain.MapDataset):
         return None
-    return _full_batches(len(dataset), global_batch)
-
-
-def _full_batches(n: int, global_batch: int) -> int:
-    steps = n // global_batch
-    if steps == 0:
-        raise ValueError(f"train_data: {n} examples is less than batch_size {global_batch}")
-    return steps
-
-
-def epoch_order(n: int, *, global_batch: int, epoch: int, seed: int, shuffle: bool,
-                lengths: Optional[np.ndarray] = None, sort_window: int = 0) -> np.ndarray:
-    """(steps_per_epoch, global_batch) example indices of one epoch's batches."""
-    per_epoch = _full_batches(n, global_batch)
-    order = np.random.default_rng([seed, epoch]).permutation(n) if shuffle else np.arange(n)
-    batches = order[: per_epoch * global_batch].reshape(per_epoch, global_batch)
-    if lengths is not None and sort_window > 1:
-        windows = []
-        for s in range(0, per_epoch, sort_window):
-            w = batches[s: s + sort_window].reshape(-1)
-            windows.append(w[np.argsort(lengths[w], kind="stable")].reshape(-1, global_batch))
-        batches = np.concatenate(windows)
-        if shuffle:
-            batches = batches[np.random.default_rng([seed, epoch, 1]).permutation(per_epoch)]
-    return batches
+    return full_batches(len(dataset), global_batch)
 
 
 def _check_lengths(lengths, n: int, field: str) -> Optional[np.ndarray]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any, Callable, Optional
 
-import vera_jax
+from vera_jax import adapters
 
 PREEMPTED_EXIT_CODE = 143
 
@@ -91,7 +91,7 @@ class Task:
         eval_every_steps=0 evaluates once per epoch, and metrics and the summary carry epochs.
     """
 
-    adapted: vera_jax.Adapted
+    adapted: adapters.Adapted
     loss_fn: Callable
     train_data: Any
     eval_data: Any = None
@@ -120,5 +120,5 @@ class Task:
 
 @dataclasses.dataclass
 class TrainResult:
-    adapted: vera_jax.Adapted  # final params with trained adapter (global arrays)
+    adapted: adapters.Adapted  # final params with trained adapter (global arrays)
     summary: dict

@@ -31,8 +31,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 from tqdm.auto import tqdm
 
-import vera_jax
-from vera_jax import quant
+from vera_jax import adapters, quant
 
 from . import data as data_lib
 from . import mesh as mesh_lib
@@ -71,11 +70,11 @@ def cast_params(tree, dtype):
     return jax.tree.map(cast, tree, is_leaf=quant.is_quantized)
 
 
-def call_model_fn(fn: Callable, adapted: vera_jax.Adapted, config, *args, dropout_rng=None, train: bool = True):
+def call_model_fn(fn: Callable, adapted: adapters.Adapted, config, *args, dropout_rng=None, train: bool = True):
     """fn(params, *args) on the adapted model by `config.adapter_path` (merged | factored | auto,
-    see `vera_jax.call_adapted`), params cast to `config.compute_dtype`."""
+    see `adapters.call_adapted`), params cast to `config.compute_dtype`."""
     dtype = jnp.dtype(config.compute_dtype)
-    return vera_jax.call_adapted(fn, adapted, *args, path=config.adapter_path, train=train,
+    return adapters.call_adapted(fn, adapted, *args, path=config.adapter_path, train=train,
                                  dropout_rng=dropout_rng, params_transform=lambda p: cast_params(p, dtype),
                                  compute_dtype=dtype)
 
@@ -150,7 +149,7 @@ def make_train_step(task: Task, config, tx, schedules, mesh, batch_axes):
     accum = int(config.grad_accum_steps)
 
     def loss_on(trainable, frozen, batch, rng):
-        adapted = vera_jax.combine(trainable, frozen)
+        adapted = adapters.combine(trainable, frozen)
         dropout_rng = jax.random.fold_in(rng, 1)
         loss, aux = call_model_fn(task.loss_fn, adapted, config, batch, rng, dropout_rng=dropout_rng)
         return loss.astype(jnp.float32), {k: jnp.asarray(v, jnp.float32) for k, v in aux.items()}
@@ -256,7 +255,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
     base_sh = mesh_lib.param_shardings(adapted.base, task.param_axes, mesh, config.mesh.rules)
     full_sh = adapted.replace(base=base_sh, adapter=jax.tree.map(lambda _: repl, adapted.adapter),
                               projections=jax.tree.map(lambda _: repl, adapted.projections))
-    trainable, frozen = vera_jax.partition(adapted)
+    trainable, frozen = adapters.partition(adapted)
     trainable_sh, frozen_sh = (
         jax.tree.map(lambda x, s: None if x is None else s, part, full_sh, is_leaf=_is_none)
         for part in (trainable, frozen))
@@ -265,7 +264,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
 
     per_epoch = _steps_per_epoch(task, config.batch_size)
     total = _total_steps(config, per_epoch)
-    labels = vera_jax.optax_labels(adapted)
+    labels = adapters.optax_labels(adapted)
     tx, schedules = make_optimizer(config.optimizer, labels, max(total, 1))
     opt_shapes = jax.eval_shape(tx.init, trainable)
     masked = lambda x: x is None or isinstance(x, optax.MaskedNode)  # noqa: E731
@@ -283,8 +282,8 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
     evals = task.all_evals()
     def eval_step(ev: Eval):
         if ev.on_adapted:
-            return lambda t, f, b: ev.eval_fn(vera_jax.combine(t, f), b)
-        return lambda t, f, b: call_model_fn(ev.eval_fn, vera_jax.combine(t, f), config, b, train=False)
+            return lambda t, f, b: ev.eval_fn(adapters.combine(t, f), b)
+        return lambda t, f, b: call_model_fn(ev.eval_fn, adapters.combine(t, f), config, b, train=False)
 
     eval_steps = {name: jax.jit(eval_step(ev), in_shardings=(trainable_sh, frozen_sh, batch_sh), out_shardings=repl)
                   for name, ev in evals.items()}
@@ -385,7 +384,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
         if hasattr(data_iter, "close"):
             data_iter.close()
 
-    final_adapted = vera_jax.combine(state.trainable, frozen)
+    final_adapted = adapters.combine(state.trainable, frozen)
     summary = {
         "task": task.name,
         "steps": total,
@@ -395,7 +394,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                   "evals": meta["last_eval"]},
         "best": {"eval": best_eval, "metric": best.metric, "mode": best.mode, **best.state},
         "evals": meta["history"],
-        "trainable_params": vera_jax.count_trainable(adapted),
+        "trainable_params": adapters.count_trainable(adapted),
         "wall_time_s": time.time() - wall_start,
         "train_time_s": run_time,
         "examples_per_sec": run_examples / run_time if run_time > 0 else None,
