@@ -44,6 +44,7 @@ import numpy as np
 
 from experiments import serving_roofline as roofline
 from vera_jax.adapters.config import VeraConfig
+from vera_jax.adapters.hooks import LayerCall, layer_hooks
 from vera_jax.adapters.targets import find_targets
 from vera_jax.models import gpt2, hub
 from vera_jax.models.generate import ModelDecoder
@@ -65,20 +66,14 @@ class LoraGatherDecoder:
         return params
 
     def apply(self, prepared, input_ids, attention_mask, cache, rows):
-        specs = {s.path: s for s in self.layers}
         ids = rows[:, 0]
 
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            spec = specs.get(tuple(module.scope.path)) if context.method_name == "__call__" and module.scope else None
-            out = next_fun(*args, **kwargs)
-            if spec is None:
-                return out
-            a, b = prepared["A"][spec.name][ids], prepared["B"][spec.name][ids]
-            h = jnp.einsum("bti,bri->btr", args[0].astype(jnp.float32), a)
-            return out + (jnp.einsum("btr,bor->bto", h, b) * self.scaling).astype(out.dtype)
+        def hook(call: LayerCall):
+            a, b = prepared["A"][call.spec.name][ids], prepared["B"][call.spec.name][ids]
+            h = jnp.einsum("bti,bri->btr", call.x.astype(jnp.float32), a)
+            return call.add(jnp.einsum("btr,bor->bto", h, b) * self.scaling)
 
-        with nn.intercept_methods(interceptor):
+        with layer_hooks(self.layers, hook):
             return self.model.apply({"params": prepared["base"]}, input_ids, attention_mask=attention_mask,
                                     cache=cache)
 

@@ -13,16 +13,14 @@ Quantized kernels (`vera_jax.quant`): every path runs them dequantized per call;
 always factored (never merged into, `merge` refuses), its term computed and added in float32 so
 small updates are not rounded away.
 
-The model is not rewritten: `flax.linen.intercept_methods` sees every module call, and the ones
-whose scope path is an adapted layer's param path are handled. The input is the call's first
-argument, flattened over the kernel's input axes (DenseGeneral contracts the trailing axes).
-flax.nnx modules are plain Python calls that the interception never sees, so an adapter
-attached to nnx params runs on the merged path only (asking for another raises).
+The model is not rewritten: `hooks.layer_hooks` hands each adapted layer's call (found by its
+scope path, its input flattened over the kernel's input axes) to this path. flax.nnx modules are
+plain Python calls that the interception never sees, so an adapter attached to nnx params runs on
+the merged path only (asking for another raises).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -33,6 +31,7 @@ from .. import quant
 from ..tree import get_path, path_str
 from .core import Adapted, layer_delta, layer_projections, merge
 from .cost import choose_path
+from .hooks import LayerCall, layer_hooks
 from .targets import LayerSpec
 
 
@@ -109,38 +108,24 @@ def call_adapted(
     if not adapted.layers or (path == "merged" and not dropout):
         with quant.maybe_dequantized(adapted.base):
             return fn(transform(merge(adapted, compute_dtype)), *args)
-    specs = {spec.path: spec for spec in adapted.layers}
     quantized = quant.quantized_paths(adapted.base)
     seen: set[tuple] = set()
 
-    def interceptor(next_fun, call_args, call_kwargs, context):
-        module = context.module
-        spec = specs.get(tuple(module.scope.path)) if context.method_name == "__call__" and module.scope else None
-        if spec is None or not call_args:
-            return next_fun(*call_args, **call_kwargs)
+    def hook(call: LayerCall):
+        spec = call.spec
         seen.add(spec.path)
-        x = call_args[0]
-        lead = x.shape[: x.ndim - spec.in_axes]
-        tokens = math.prod(lead)
-        if layer_path(adapted, spec, tokens, path, train, quantized, dropout) == "merged":
-            own = dict(module.variables["params"])
-            w0 = own["kernel"]
+        if layer_path(adapted, spec, call.tokens, path, train, quantized, dropout) == "merged":
+            w0 = call.module.variables["params"]["kernel"]
             delta = layer_delta(adapted, spec, compute_dtype if compute_dtype is not None else w0.dtype)
-            own["kernel"] = (w0.astype(jnp.float32) + delta.reshape(w0.shape)).astype(w0.dtype)
-            return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
-        out = next_fun(*call_args, **call_kwargs)
+            return call.run_with(kernel=(w0.astype(jnp.float32) + delta.reshape(w0.shape)).astype(w0.dtype))
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
-        x = x.reshape(lead + (spec.in_features,))
-        if spec.path in quantized:
-            term = layer_term(adapted, spec, x.astype(jnp.float32), rng)
-            return (out.astype(jnp.float32) + term.reshape(out.shape)).astype(out.dtype)
-        term = layer_term(adapted, spec, x, rng)
-        return out + term.reshape(out.shape).astype(out.dtype)
+        x = call.x.astype(jnp.float32) if spec.path in quantized else call.x  # quantized: the term in float32
+        return call.add(layer_term(adapted, spec, x, rng))
 
     # flax runs the interceptor entered first outermost: this one, then the dequantizing one
-    with nn.intercept_methods(interceptor), quant.maybe_dequantized(adapted.base):
+    with layer_hooks(adapted.layers, hook), quant.maybe_dequantized(adapted.base):
         result = fn(transform(adapted.base), *args)
-    missing = sorted(path_str(p) for p in set(specs) - seen)
+    missing = sorted(path_str(p) for p in {s.path for s in adapted.layers} - seen)
     if missing:
         raise ValueError(
             f"path={path!r}: adapted layers never called as a module: {missing}. The factored and "

@@ -36,8 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vera_jax.adapters.core import Adapted, merge
-from vera_jax.adapters.cost import choose_path
-from vera_jax.adapters.factored import call_adapted
+from vera_jax.adapters.factored import call_adapted, layer_path
 from vera_jax.models import sampling as sampling_lib
 from vera_jax.quant import maybe_dequantized, quantized_paths
 
@@ -61,7 +60,8 @@ class ModelDecoder:
     path: None for a plain params tree; for an `Adapted` tree, "merged" folds every adapter into
       its kernel once per call, "factored" adds each layer's low-rank term at every model call
       (`call_adapted(path="factored")`), and "auto" merges the layers where `choose_path` finds
-      one merge cheaper than the factored term over all `tokens` of the call, factoring the rest.
+      one merge cheaper than the factored term over all `tokens` of the call, factoring the rest;
+      per layer as `factored.layer_path` decides, so a quantized layer is factored on every path.
     """
 
     model: nn.Module
@@ -86,9 +86,8 @@ class ModelDecoder:
 
         quantized = quantized_paths(params.base)
 
-        def merges(spec) -> bool:
-            return self.path == "merged" or self.path == "auto" and spec.path not in quantized and choose_path(
-                tokens, spec.in_features, spec.out_features, params.config.r, params.method, train=False) == "merged"
+        def merges(spec) -> bool:  # the rule every call_adapted path follows (a quantized layer factors)
+            return layer_path(params, spec, tokens, self.path, train=False, quantized=quantized) == "merged"
 
         merged = tuple(s for s in params.layers if merges(s))
         factored = tuple(s for s in params.layers if not merges(s))

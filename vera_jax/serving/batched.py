@@ -10,8 +10,9 @@ its own d (r,) and b (out,). Cost is therefore independent of how many distinct 
 holds (contract 7). The term is computed in float32 (as `merge` adds its delta), so a small update
 is not rounded away by a low-precision base.
 
-The model is not rewritten: as `factored.call_adapted` does, `flax.linen.intercept_methods` adds
-the term to the output of each targeted Dense call, found by the module's scope path.
+The model is not rewritten: as `factored.call_adapted` does, `adapters.hooks.layer_hooks` adds the
+term to the output of each targeted Dense call, found by the module's scope path. A quantized base
+(`vera_jax.quant`) runs dequantized per layer.
 """
 
 from __future__ import annotations
@@ -20,6 +21,9 @@ import dataclasses
 
 import flax.linen as nn
 import jax.numpy as jnp
+
+from vera_jax.adapters.hooks import LayerCall, layer_hooks
+from vera_jax.quant import maybe_dequantized
 
 
 def per_row_term(x, a, b_proj, d, b, ids):
@@ -52,19 +56,11 @@ class BankDecoder:
     def apply(self, prepared, input_ids, attention_mask, cache, rows):
         terms = self._layer_terms(prepared["groups"], rows, input_ids.shape[0])
 
-        def interceptor(next_fun, args, kwargs, context):
-            module = context.module
-            fns = terms.get(tuple(module.scope.path)) if context.method_name == "__call__" and module.scope else None
-            out = next_fun(*args, **kwargs)
-            if not fns:
-                return out
-            spec = fns[0][0]
-            x = args[0]
-            x = x.reshape(x.shape[: x.ndim - spec.in_axes] + (spec.in_features,))
-            total = sum(per_row_term(x, *operands) for _, *operands in fns)
-            return out + total.reshape(out.shape).astype(out.dtype)
+        def hook(call: LayerCall):
+            return call.add(sum(per_row_term(call.x, *operands) for _, *operands in terms[call.spec.path]))
 
-        with nn.intercept_methods(interceptor):
+        # the hooks run outermost, then a quantized base's dequantization
+        with layer_hooks([fns[0][0] for fns in terms.values()], hook), maybe_dequantized(prepared["base"]):
             return self.model.apply({"params": prepared["base"]}, input_ids, attention_mask=attention_mask,
                                     cache=cache)
 
