@@ -60,8 +60,8 @@ class ModelDecoder:
     path: None for a plain params tree; for an `Adapted` tree, "merged" folds every adapter into
       its kernel once per call, "factored" adds each layer's low-rank term at every model call
       (`call_adapted(path="factored")`), and "auto" merges the layers where `choose_path` finds
-      one merge cheaper than the factored term over all `tokens` of the call, factoring the rest;
-      per layer as `factored.layer_path` decides, so a quantized layer is factored on every path.
+      one merge cheaper than the factored term over all `tokens` of the call, factoring the rest
+      (`factored.layer_path`, which `call_adapted` asks too: a quantized layer is never merged).
     """
 
     model: nn.Module
@@ -86,8 +86,9 @@ class ModelDecoder:
 
         quantized = quantized_paths(params.base)
 
-        def merges(spec) -> bool:  # the rule every call_adapted path follows (a quantized layer factors)
-            return layer_path(params, spec, tokens, self.path, train=False, quantized=quantized) == "merged"
+        def merges(spec) -> bool:  # as call_adapted: "merged" merges all (merge refuses a quantized kernel)
+            return self.path == "merged" or layer_path(params, spec, tokens, self.path, train=False,
+                                                       quantized=quantized) == "merged"
 
         merged = tuple(s for s in params.layers if merges(s))
         factored = tuple(s for s in params.layers if not merges(s))
