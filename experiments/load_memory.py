@@ -10,8 +10,8 @@ other's, and prints one JSON line:
 
   full:     `hub.from_pretrained` then `quant.quantize_params` (what the runner did before): every
             shard read whole, the float tree cast to float32, then quantized.
-  streamed: `hub.from_pretrained(quantize=...)`: one tensor read, cast, quantized and placed at a
-            time (see `vera_jax.models.hub`).
+  streamed: the model loader (`loader.load_model`, model.quantize=...): one tensor read, cast,
+            quantized and placed at a time (see `vera_jax.models.hub`).
 
 Per mode: the child's peak RSS (`peak_rss`: VmHWM, the peak `getrusage` would report were it not
 inherited across exec) and the same figure right after the imports and JAX's start, so
@@ -184,7 +184,7 @@ def load(checkpoint: str, mode: str, method: str) -> dict:
     import jax.numpy as jnp
 
     from vera_jax import quant
-    from vera_jax.models import hub
+    from vera_jax.models import hub, loader
 
     if mode not in MODES:
         raise ValueError(f"mode {mode!r}: expected one of {list(MODES)}")
@@ -197,7 +197,7 @@ def load(checkpoint: str, mode: str, method: str) -> dict:
         _, params, _ = hub.from_pretrained(checkpoint)
         params = quant.quantize_params(params, method)
     else:
-        _, params, _ = hub.from_pretrained(checkpoint, quantize=method)
+        params = loader.load_model(loader.ModelSpec(checkpoint, quantize=method)).params
     jax.block_until_ready(params)
     seconds = time.perf_counter() - start
     peak = peak_rss()

@@ -23,7 +23,8 @@ from ml_collections import config_flags
 
 import vera_jax
 from vera_jax.data.common import DataUnavailableError
-from vera_jax.tasks import mt_bench, runner
+from vera_jax.models import loader
+from vera_jax.tasks import mt_bench
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "instruct config (configs/*_alpaca.py)", lock_config=False)
@@ -45,13 +46,13 @@ def main(argv) -> None:
     m = config.mt_bench
     try:
         questions = mt_bench.read_questions(m.questions, m.limit)
-        model = runner.load_model(config, runner.checkpoint_path(config))
+        model = loader.load_model(loader.ModelSpec.from_config(config))
         params = vera_jax.load_adapter(FLAGS.adapter, model.params) if FLAGS.adapter else model.params
         answers, facts = mt_bench.answer(
             model, params, questions, template=config.data.template, max_new_tokens=m.max_new_tokens,
             batch_size=m.batch_size, top_k=m.top_k, seed=config.seed,
             path=config.adapter_path if FLAGS.adapter else None, log=lambda s: print(s, file=sys.stderr))
-    except (runner.ConfigError, runner.CheckpointUnavailableError, DataUnavailableError, FileNotFoundError,
+    except (loader.ConfigError, loader.CheckpointUnavailableError, DataUnavailableError, FileNotFoundError,
             ValueError, vera_jax.AdapterFileError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)

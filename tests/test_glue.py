@@ -16,8 +16,8 @@ import pytest
 from safetensors.numpy import save_file
 
 from configs import glue_common
-from vera_jax.data import common as data_common
-from vera_jax.models import roberta
+from vera_jax import network
+from vera_jax.models import loader, roberta
 from vera_jax.tasks import glue, runner
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -203,11 +203,11 @@ def test_hub_checkpoint_offline_fails_fast_with_advice(monkeypatch):
     from huggingface_hub import constants
 
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
-    monkeypatch.setattr(data_common, "reachable", lambda url, timeout: "name resolution failed")
+    monkeypatch.setattr(network, "reachable", lambda url, timeout: "name resolution failed")
     with pytest.raises(runner.CheckpointUnavailableError,
                        match=r"'roberta-large' is not a local directory.*name resolution failed.*"
                              r"--config.model.checkpoint=/path/to/roberta-large.*--config.data.dir="):
-        runner.resolve_checkpoint("roberta-large", 5.0, glue.ADVICE)
+        loader.resolve_checkpoint("roberta-large", 5.0, glue.ADVICE)
 
 
 def test_main_job_offline_exits_within_seconds_saying_what_to_do(tmp_path):

@@ -23,7 +23,7 @@ from absl import app, flags
 
 import vera_jax
 from vera_jax import quant, train
-from vera_jax.models import hub, llama
+from vera_jax.models import hub, loader
 
 from .report import add_minimum
 from .shapes import LLAMA_SMALL, make_batch
@@ -99,10 +99,9 @@ def benchmark(cfg: dict, bases: list[str], runs: list[tuple[str, int]], batch: i
               warmup: int, dtype: str = "float32", count_only: bool = False) -> dict:
     """The record; count_only: XLA's FLOPs and the minimum per row on abstract weights, nothing
     run (a GPU run's shape counted on a CPU; rows without timings or memory)."""
-    model = llama.build(cfg)
+    loaded = loader.random_model(cfg, abstract=count_only)
+    model, params = loaded.module, loaded.params
     ids, labels = make_batch(cfg, batch, seq)
-    init = jax.eval_shape if count_only else (lambda f: jax.jit(f)())
-    params = init(lambda: nn.unbox(model.init(jax.random.key(0), ids[:1, :2]))["params"])
     entries, meta = {}, {}
     for base in bases:
         if base not in ("float32", *quant.METHODS):

@@ -31,7 +31,7 @@ import vera_jax
 from vera_jax import quant, train
 from vera_jax.adapters import cost
 from vera_jax.adapters.factored import layer_path
-from vera_jax.models import hub
+from vera_jax.models import loader
 from vera_jax.train import make_train_step
 
 from .shapes import FAMILY, cross_entropy, hidden_size, make_batch
@@ -116,10 +116,9 @@ def run_jax(cfg: dict, methods: list[str], batch: int, seq: int, iters: int, war
     counts only, on abstract weights (no memory, no run: a GPU run's shapes counted on a CPU)."""
     kind = cfg["model_type"]
     jdtype = jnp.dtype(dtype)
-    model = hub.family(kind).build(cfg, dtype=jdtype, param_dtype=jdtype)
+    loaded = loader.random_model(cfg, dtype=dtype, abstract=count_only)
+    model, params = loaded.module, loaded.params
     ids, labels = make_batch(cfg, batch, seq)
-    init = jax.eval_shape if count_only else (lambda f: jax.jit(f)())
-    params = init(lambda: nn.unbox(model.init(jax.random.key(0), ids[:1, :2]))["params"])
     entries, trainable = {}, {}
     for method in methods:
         if method == "floor":

@@ -22,44 +22,19 @@ import sys
 import time
 from typing import Any, Callable, Optional
 
-import flax.linen as nn
 import jax
-import jax.numpy as jnp
 import ml_collections
 
 import vera_jax
-from vera_jax import quant
 from vera_jax import train as train_lib
-from vera_jax.data.common import DataUnavailableError, hub_unreachable
-from vera_jax.models import common as model_common
-from vera_jax.models import hub
+from vera_jax.data.common import DataUnavailableError
+from vera_jax.models import loader
+from vera_jax.models.loader import CheckpointUnavailableError, ConfigError
+from vera_jax.models.loader import LoadedModel as Model
 
 METHODS = ("vera", "lora", "full", "head")
 METHOD_CONFIGS = {"vera": vera_jax.VeraConfig, "lora": vera_jax.LoraConfig}
 SET_BY_RUNNER = ("seed", "trainable_extra")  # method config fields the runner fills in
-CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification")
-
-
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use; the message names the field."""
-
-
-class CheckpointUnavailableError(RuntimeError):
-    """The model checkpoint is neither a local path, nor cached, nor downloadable."""
-
-
-@dataclasses.dataclass
-class Model:
-    """A loaded model: the linen module, plain params, tokenizer (or None), HF config, the local
-    checkpoint path, and the logical axis names of the params (for sharding)."""
-
-    module: nn.Module
-    params: dict
-    tokenizer: Any
-    hf_config: dict
-    path: str
-    param_axes: Any
-
 
 @dataclasses.dataclass
 class Parts:
@@ -103,29 +78,6 @@ class Family:
     run_name: Callable = lambda config: f"{config.method}-s{config.seed}"
 
 
-def resolve_checkpoint(name: str, timeout: float, advice: str = "") -> str:
-    """Local path for `name`: itself (a directory or .gguf file), the Hub cache, or a download
-    when the Hub is reachable; offline, fails at once saying how to pass local files."""
-    if os.path.isdir(name) or (os.path.isfile(name) and name.endswith(".gguf")):
-        return name
-    if name.startswith((".", "/", "~")) or name.endswith(".gguf"):
-        raise FileNotFoundError(f"model.checkpoint: {name} is not a checkpoint directory or .gguf file")
-    from huggingface_hub import snapshot_download
-
-    try:
-        return snapshot_download(name, local_files_only=True)
-    except Exception:  # noqa: BLE001 - not cached (the next step says whether it can be fetched)
-        pass
-    reason = hub_unreachable(timeout)
-    if reason is not None:
-        raise CheckpointUnavailableError(
-            f"model.checkpoint {name!r} is not a local directory, not in the Hugging Face cache, and cannot be "
-            f"downloaded ({reason}). Offline, pass a local checkpoint directory (config.json, *.safetensors, "
-            f"tokenizer files) or a .gguf file, e.g. --config.model.checkpoint=/path/to/{name.split('/')[-1]}"
-            + (f"; {advice}" if advice else "."))
-    return hub.resolve(name)
-
-
 def model_config() -> ml_collections.ConfigDict:
     """The `config.model` fields the runner reads."""
     m = ml_collections.ConfigDict()
@@ -136,6 +88,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.overrides = ml_collections.ConfigDict()  # HF config fields replaced before building (e.g. layers)
     m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized;
     # "gguf": a .gguf checkpoint's Q4_0/Q4_1 linear weights kept in their stored 4-bit blocks
+    m.dtype = "float32"  # float32 | bfloat16 | float16: the loaded params (compute_dtype casts per step)
     return m
 
 
@@ -193,95 +146,27 @@ def learning_rates(config) -> dict:
     return rates
 
 
-def _needs_fresh_head(hf_config: dict, num_labels) -> bool:
-    archs = hf_config.get("architectures") or ()
-    return num_labels is not None and not any(a.endswith(CLASSIFIER_SUFFIXES) for a in archs)
-
-
-def _bundled(config) -> bool:
-    return bool(config.model.random_init) and config.model.checkpoint in hub.bundled_configs()
+def model_spec(config, **options) -> loader.ModelSpec:
+    """The `vera_jax.models.loader` spec of `config.model` (options: num_labels, architecture, advice)."""
+    return loader.ModelSpec.from_config(config, **options)
 
 
 def checkpoint_path(config, advice: str = "") -> Optional[str]:
-    """The local path of `config.model.checkpoint` (see `resolve_checkpoint`); None for a config
-    shipped with vera_jax (`hub.bundled_configs()`, e.g. "vit-base-patch16-224-in21k") under
-    model.random_init, which needs no files."""
-    if not config.model.checkpoint:
-        raise ConfigError("model.checkpoint: empty; give a Hub id, a local checkpoint directory or a .gguf file")
-    if _bundled(config):
-        return None
-    return resolve_checkpoint(config.model.checkpoint, config.network_timeout, advice)
-
-
-def _streamed_load(config, path: str) -> dict:
-    """`hub.from_pretrained` options that quantize a safetensors checkpoint directory while it is
-    read, one tensor at a time (model.quantize "nf4" | "int8"), so a 7B/13B model never sits in host
-    memory in full precision; placed as the trainer's mesh (config.mesh) will shard it. Empty for
-    no quantization and for a .gguf file (read whole, then quantized by `load_model`)."""
-    m = config.model
-    if m.get("quantize") not in quant.METHODS or not os.path.isdir(path):
-        return {}
-    options = {"quantize": m.quantize, "quantize_skip": quant.DEFAULT_SKIP + tuple(m.head)}
-    if "mesh" in config:
-        options.update(mesh=train_lib.make_mesh(config.mesh), rules=tuple(tuple(r) for r in config.mesh.rules))
-    return options
+    """The local path of `config.model.checkpoint` (`loader.resolve`); None for a config shipped
+    with vera_jax under model.random_init, which needs no files."""
+    return loader.resolve(model_spec(config, advice=advice))
 
 
 def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] = None,
                architecture: Optional[str] = None) -> Model:
-    """The model of `config.model` from its local `path` (default: `checkpoint_path(config)`): the
-    checkpoint's weights, or with random_init its config with weights drawn from config.seed. A
-    classifier the checkpoint lacks is drawn from config.seed, so seeds differ in its start too."""
-    m = config.model
-    path = path or checkpoint_path(config)
-    overrides = dict(m.overrides)
-    if m.random_init or overrides:
-        if not m.random_init:
-            raise ConfigError("model.overrides: only with model.random_init=True (pretrained weights fix the shapes)")
-        stored = hub.bundled_config(m.checkpoint) if path is None else hub.read_config(path)
-        hf_config = hub.task_config({**stored, **overrides}, num_labels, architecture)
-        fam = hub.family(hf_config["model_type"])
-        chosen = hf_config["architectures"][0] if num_labels is not None or architecture is not None else None
-        module = fam.build(hf_config, architecture=chosen)
-        params = jax.jit(module.init)(jax.random.key(config.seed), *fam.dummy_inputs(hf_config))["params"]
-        params = nn.unbox(params)
-        tokenizer = hub.load_tokenizer(path) if path and os.path.isdir(path) else None
-    else:
-        stored = hub.read_config(path)
-        module, params, tokenizer = hub.from_pretrained(path, num_labels=num_labels, architecture=architecture,
-                                                        **_streamed_load(config, path))
-        hf_config = hub.task_config(stored, num_labels, architecture)
-        if _needs_fresh_head(stored, num_labels):
-            fresh = model_common.init_subtrees(module, hub.family(hf_config["model_type"]).dummy_inputs(hf_config),
-                                               ["classifier"], config.seed)
-            params = {**params, "classifier": jax.tree.map(jnp.asarray, fresh["classifier"])}
-    if m.tokenizer:
-        tokenizer = hub.load_tokenizer(m.tokenizer)
-    dummy = hub.family(hf_config["model_type"]).dummy_inputs(hf_config)
-    boxed = jax.eval_shape(lambda: module.init(jax.random.key(0), *dummy))
-    param_axes = nn.get_partition_spec(boxed)["params"]
-    if m.get("quantize") == "gguf":
-        if not str(path).endswith(".gguf"):
-            raise ConfigError(f"model.quantize: 'gguf' keeps a .gguf file's 4-bit blocks; model.checkpoint {path!r} "
-                              "is not a .gguf file (use 'nf4' or 'int8' for other checkpoints)")
-        from vera_jax.models import gguf
-
-        params = gguf.keep_4bit(params, path)
-        param_axes = quant.quantized_axes(params, param_axes)
-    elif m.get("quantize"):
-        if not quant.has_quantized(params):  # random_init or a .gguf file: quantized here, whole
-            params = quant.quantize_params(params, m.quantize, skip=quant.DEFAULT_SKIP + tuple(m.head))
-        param_axes = quant.quantized_axes(params, param_axes)
-    return Model(module=module, params=params, tokenizer=tokenizer, hf_config=hf_config, path=path or m.checkpoint,
-                 param_axes=param_axes)
+    """The model of `config.model` (`loader.load_model`) from its local `path` (default: resolved)."""
+    return loader.load_model(model_spec(config, num_labels=num_labels, architecture=architecture), path)
 
 
 def _validate(config) -> None:
     if config.method not in METHODS:
         raise ConfigError(f"method: expected one of {METHODS}, got {config.method!r}")
     quantize = config.model.get("quantize", "")
-    if quantize not in ("", *quant.METHODS, "gguf"):
-        raise ConfigError(f"model.quantize: expected one of {['', *quant.METHODS, 'gguf']}, got {quantize!r}")
     if quantize and config.adapter_path == "merged":
         raise ConfigError(f"adapter_path: 'merged' would merge into the kernels model.quantize={quantize!r} keeps "
                           "quantized (never done); use 'factored' or 'auto'")
@@ -293,11 +178,13 @@ def _validate(config) -> None:
 def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
     """(trainer Task, facts for the summary, resolved config with the learning-rate groups and the
     best metric filled in): everything `run` does before training, for inspection in a notebook."""
+    spec = model_spec(config, advice=family.advice)  # the model fields, checked before anything loads
     _validate(config)
     config = config.copy_and_resolve_references()
-    path = checkpoint_path(config, family.advice)
+    path = loader.resolve(spec)
     data = family.load_data(config)
-    model = family.adapt_model(config, load_model(config, path, **family.model_options(config, data)))
+    spec = dataclasses.replace(spec, **family.model_options(config, data))
+    model = family.adapt_model(config, loader.load_model(spec, path))
     parts = family.make_parts(config, model, data)
     adapted = attach(model.params, config)
     for group, rate in learning_rates(config).items():
