@@ -7,7 +7,7 @@ import ml_collections
 
 from configs.glue_common import parse_arg
 from vera_jax import LoraConfig, VeraConfig
-from vera_jax.tasks import runner
+from vera_jax.tasks.config import method_config, model_config
 from vera_jax.train import default_config
 
 METHODS = ("vera", "lora", "full")
@@ -22,7 +22,7 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = a.method  # vera | lora | full
     c.network_timeout = 5.0  # seconds to wait for the Hub / tfds hosts before failing with advice
 
-    c.model = runner.model_config()  # checkpoint, tokenizer, head, random_init, overrides
+    c.model = model_config()  # checkpoint, tokenizer, head, random_init, overrides
     c.model.checkpoint = ""  # Hub id (e.g. gpt2-medium), local checkpoint dir, or a LLaMA .gguf file
     c.model.head = ()  # nothing beyond the adapter trains (the LM head is tied to the embeddings)
 
@@ -43,8 +43,8 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.decode.no_repeat_ngram_size = 4  # no 4-gram appears twice in prompt + output
     c.decode.max_new_tokens = 64  # outputs stop at EOS, a blank line, or this many tokens
 
-    c.vera = runner.method_config(VeraConfig, r=1024, targets=("query", "value"), d_initial=0.1)
-    c.lora = runner.method_config(LoraConfig, r=4, alpha=32.0, targets=("query", "value"), dropout=0.1)
+    c.vera = method_config(VeraConfig, r=1024, targets=("query", "value"), d_initial=0.1)
+    c.lora = method_config(LoraConfig, r=4, alpha=32.0, targets=("query", "value"), dropout=0.1)
 
     c.lr = ml_collections.ConfigDict()  # the one place learning rates are set
     c.lr.vera = 1e-1  # VeRA d and b (GPT-2 Medium; Large uses 2e-2)

@@ -10,7 +10,7 @@ import ml_collections
 
 from configs.common import parse_arg
 from vera_jax import LoraConfig, VeraConfig
-from vera_jax.tasks import runner
+from vera_jax.tasks.config import method_config, model_config
 from vera_jax.train import default_config
 
 # Per model size: VeRA rank, global batch, max sequence length (paper, Table 8). Large used 32 per
@@ -29,7 +29,7 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     c.method = a.method  # vera | lora | full (all weights) | head (classifier only)
     c.network_timeout = 5.0  # seconds to wait for the Hub / tfds hosts before failing with advice
 
-    c.model = runner.model_config()  # checkpoint, tokenizer, head, random_init, overrides
+    c.model = model_config()  # checkpoint, tokenizer, head, random_init, overrides
     c.model.checkpoint = ""  # Hub id (e.g. roberta-large) or local dir: config.json, *.safetensors, tokenizer
     c.model.head = ("classifier",)  # modules trained with lr.head in every method
 
@@ -46,10 +46,10 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
     # Every VeraConfig / LoraConfig field (see their docstrings) but seed and trainable_extra, which
     # come from `seed` and `model.head`: e.g. --config.vera.share_projections=False.
-    c.vera = runner.method_config(VeraConfig, r=1024, targets=("query", "value"), d_initial=0.1)
+    c.vera = method_config(VeraConfig, r=1024, targets=("query", "value"), d_initial=0.1)
     # LoRA paper, Appendix D: alpha 8. Its released NLU scripts (microsoft/LoRA examples/NLU/*.sh)
     # pass --lora_alpha 16, a known mismatch (microsoft/LoRA issue 37); we follow the paper.
-    c.lora = runner.method_config(LoraConfig, r=8, alpha=8.0, targets=("query", "value"))
+    c.lora = method_config(LoraConfig, r=8, alpha=8.0, targets=("query", "value"))
 
     c.lr = ml_collections.ConfigDict()  # the one place learning rates are set (the runner maps them to groups)
     c.lr.head = 4e-3  # classifier head (paper: its own lr)

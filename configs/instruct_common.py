@@ -14,7 +14,7 @@ import ml_collections
 
 from configs.common import parse_arg
 from vera_jax import LoraConfig, VeraConfig
-from vera_jax.tasks import runner
+from vera_jax.tasks.config import method_config, model_config
 from vera_jax.train import default_config
 
 METHODS = ("vera", "lora", "full")
@@ -31,7 +31,7 @@ def base_config(arg: str | None = None, size: str = "7b") -> ml_collections.Conf
     c.method = a.method  # vera | lora | full
     c.network_timeout = 5.0  # seconds to wait for the Hub before failing with advice
 
-    c.model = runner.model_config()  # checkpoint, tokenizer, head, random_init, overrides
+    c.model = model_config()  # checkpoint, tokenizer, head, random_init, overrides
     c.model.checkpoint = ""  # Hub id, local checkpoint dir or a LLaMA .gguf file
     c.model.head = ()  # nothing beyond the adapter trains
 
@@ -48,8 +48,8 @@ def base_config(arg: str | None = None, size: str = "7b") -> ml_collections.Conf
     c.data.eval_size = 256  # records held out (fixed random slice) for the response-loss eval
     c.data.limit = 0  # >0: a fixed random subset of this many training records
 
-    c.vera = runner.method_config(VeraConfig, r=1024, targets=TARGETS, d_initial=0.1)
-    c.lora = runner.method_config(LoraConfig, r=64, alpha=16.0, targets=TARGETS, dropout=QLORA_DROPOUT[size])
+    c.vera = method_config(VeraConfig, r=1024, targets=TARGETS, d_initial=0.1)
+    c.lora = method_config(LoraConfig, r=64, alpha=16.0, targets=TARGETS, dropout=QLORA_DROPOUT[size])
 
     c.lr = ml_collections.ConfigDict()  # the one place learning rates are set
     c.lr.vera = 4e-3  # VeRA d and b (Table 9)

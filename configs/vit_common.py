@@ -14,7 +14,7 @@ import ml_collections
 
 from configs.common import parse_arg
 from vera_jax import LoraConfig, VeraConfig
-from vera_jax.tasks import runner
+from vera_jax.tasks.config import method_config, model_config
 from vera_jax.train import default_config
 
 CHECKPOINTS = {"base": "google/vit-base-patch16-224-in21k", "large": "google/vit-large-patch16-224-in21k"}
@@ -30,7 +30,7 @@ def base_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDi
     c.method = a.method  # vera | lora | full (all weights) | head (classifier only)
     c.network_timeout = 5.0  # seconds to wait for the Hub / tfds hosts before failing with advice
 
-    c.model = runner.model_config()  # checkpoint, head, random_init, overrides
+    c.model = model_config()  # checkpoint, head, random_init, overrides
     c.model.checkpoint = ""  # Hub id or local dir (config.json, *.safetensors, preprocessor_config.json)
     c.model.head = ("classifier",)  # modules trained with lr.head in every method (a fresh classifier)
 
@@ -43,9 +43,9 @@ def base_config(dataset: str, arg: str | None = None) -> ml_collections.ConfigDi
     c.data.image_size = 0  # side in pixels; 0: the checkpoint's (224); else position embeddings interpolated
 
     # Every VeraConfig / LoraConfig field but seed and trainable_extra (from `seed` and `model.head`).
-    c.vera = runner.method_config(VeraConfig, r=256, targets=("query", "value"), d_initial=0.1)
+    c.vera = method_config(VeraConfig, r=256, targets=("query", "value"), d_initial=0.1)
     # The paper gives LoRA's rank and targets only; alpha 8 (scale 1) is PEFT's default.
-    c.lora = runner.method_config(LoraConfig, r=8, alpha=8.0, targets=("query", "value"))
+    c.lora = method_config(LoraConfig, r=8, alpha=8.0, targets=("query", "value"))
 
     c.lr = ml_collections.ConfigDict()  # the one place learning rates are set (the runner maps them to groups)
     c.lr.head = ml_collections.ConfigDict({m: 4e-3 for m in METHODS})  # classifier, per method (Table 11)

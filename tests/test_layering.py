@@ -14,7 +14,7 @@ FACADE = "vera_jax"  # the package's __init__: the public API, for users and the
 # later tier, or the facade (which sits just below tasks/serving). interop sits above models: it
 # reads each family's Hugging Face naming tables (models never import interop).
 LAYERS = (
-    ("tree", "network", "extras"),
+    ("tree", "network", "extras", "errors", "_lazy"),
     ("sharding",),
     ("quant",),
     ("adapters",),
@@ -46,8 +46,9 @@ def package_of(module: str) -> str | None:
 
 
 def imports(path: pathlib.Path) -> list[tuple[int, str]]:
-    """(line, absolute module) of every import in the file; `from vera_jax import x` names the
-    submodule x when there is one, else the facade."""
+    """(line, absolute module) of every import in the file, and of every module a package's
+    `lazy_exports` names; `from vera_jax import x` names the submodule x when there is one, else
+    the facade."""
     rel = path.relative_to(ROOT.parent).with_suffix("").parts
     is_package = rel[-1] == "__init__"
     module = rel[:-1] if is_package else rel
@@ -67,6 +68,12 @@ def imports(path: pathlib.Path) -> list[tuple[int, str]]:
                          or (ROOT / f"{a.name}.py").exists() else "vera_jax") for a in node.names]
             else:
                 out.append((node.lineno, name))
+        elif isinstance(node, ast.Call) and getattr(node.func, "id", None) == "lazy_exports":
+            # a package __init__'s lazy names: {".module": names} imports those modules when read
+            package = ".".join(module)
+            for key in node.args[1].keys:
+                name = key.value
+                out.append((node.lineno, package + name if name.startswith(".") else name))
     return out
 
 
@@ -107,8 +114,10 @@ def test_an_upward_import_is_named(tmp_path, monkeypatch):
     (root / "__init__.py").write_text("")
     (root / "models" / "hub.py").write_text("import os\nfrom vera_jax.train import mesh\nfrom .. import train\n"
                                             "import vera_jax\n")
+    (root / "models" / "__init__.py").write_text("lazy_exports(__name__, {'.hub': ('f',), 'vera_jax.train': ('g',)})\n")
     monkeypatch.setattr(sys.modules[__name__], "ROOT", root)
     assert violations() == [
+        "vera_jax/models/__init__.py:1: models imports vera_jax.train (train is not below models)",
         "vera_jax/models/hub.py:2: models imports vera_jax.train (train is not below models)",
         "vera_jax/models/hub.py:3: models imports vera_jax.train (train is not below models)",
         "vera_jax/models/hub.py:4: models imports vera_jax (vera_jax is not below models)",

@@ -12,45 +12,18 @@
     adapted = vera_jax.apply_vera(nnx_model, config); y = vera_jax.nnx_merge(nnx_model, adapted)(x)  # flax.nnx
 """
 
-from .adapters import (
-    Adapted,
-    AdapterFileError,
-    FullConfig,
-    HeadConfig,
-    LayerSpec,
-    LoraConfig,
-    VeraConfig,
-    apply_adapted,
-    apply_factored,
-    apply_full,
-    apply_head,
-    apply_lora,
-    apply_vera,
-    call_adapted,
-    choose_path,
-    combine,
-    count_trainable,
-    find_targets,
-    fingerprint,
-    layer_costs,
-    layer_delta,
-    load_adapter,
-    make_projections,
-    merge,
-    nnx_merge,
-    optax_labels,
-    partition,
-    save_adapter,
-)
-from .interop import PeftFormatError, export_merged, load_peft_adapter, save_peft_adapter
+from ._lazy import lazy_exports
 
 __version__ = "0.1.0"
 
-__all__ = [
-    "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
-    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted",
-    "choose_path", "combine",
-    "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
-    "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
-    "PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter",
-]
+# The public API, each name imported from its module when first used (importing a light module of
+# vera_jax, e.g. a config's `vera_jax.train.config`, then never starts JAX).
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".adapters": (
+        "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
+        "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted",
+        "choose_path", "combine", "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta",
+        "load_adapter", "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
+    ),
+    ".interop": ("PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter"),
+})

@@ -15,16 +15,6 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 AXES = ("data", "fsdp", "tensor")
-# logical param axis -> mesh axis (None: replicated); first match wins. The trainer's default
-# `config.mesh.rules` and the streamed loader's default placement.
-DEFAULT_RULES = (
-    ("embed", "fsdp"),
-    ("mlp", "tensor"),
-    ("heads", "tensor"),
-    ("kv", None),
-    ("vocab", "tensor"),
-    ("joined_kv", "tensor"),
-)
 
 
 def make_mesh(mesh_config, devices=None) -> Mesh:

@@ -19,6 +19,8 @@ import math
 import shutil
 from collections.abc import Sequence
 
+from vera_jax.extras import require
+
 METRIC_NAMES = ("BLEU", "NIST", "METEOR", "ROUGE_L", "CIDEr")
 _ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
 
@@ -45,9 +47,8 @@ def _check(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> t
 def _mteval_tokens(text: str) -> list[str]:
     """mteval-v13a's default tokenization: ASCII-only lowercasing (Perl's tr/A-Z/a-z/; str.lower
     would also fold É) then the 13a rules, which sacrebleu's tokenizer reproduces."""
-    from sacrebleu.tokenizers.tokenizer_13a import Tokenizer13a
-
-    return Tokenizer13a()(text.translate(_ASCII_LOWER)).split()
+    tokenizer = require("sacrebleu.tokenizers.tokenizer_13a", "nlg").Tokenizer13a
+    return tokenizer()(text.translate(_ASCII_LOWER)).split()
 
 
 def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> float:
@@ -55,8 +56,7 @@ def bleu(predictions: Sequence[str], references: Sequence[Sequence[str]]) -> flo
     text, mteval's smoothing ("exp": 1/2^k for an order with no match), closest reference length
     (ties to the shorter); MRs with fewer references are padded with None, which sacrebleu skips
     as mteval skips the empty padding segments the official scorer writes."""
-    import sacrebleu
-
+    sacrebleu = require("sacrebleu", "nlg")
     predictions, references = _check(predictions, references)
     width = max(len(r) for r in references)
     streams = [[group[k].translate(_ASCII_LOWER) if k < len(group) else None for group in references]
@@ -138,6 +138,7 @@ def coco_metrics(predictions: Sequence[str], references: Sequence[Sequence[str]]
     scorer's bundled copy of the same code (and byte-identical jars) computes them. The tokenizer
     writes a temporary file beside its jar, so pycocoevalcap's install directory must be writable."""
     predictions, references = _check(predictions, references)
+    require("pycocoevalcap", "nlg")
     require_java()
     from pycocoevalcap.cider.cider import Cider
     from pycocoevalcap.meteor.meteor import Meteor

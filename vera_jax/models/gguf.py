@@ -20,9 +20,12 @@ import dataclasses
 import os
 from typing import Iterator
 
-import gguf
 import jax
 import numpy as np
+
+from vera_jax.extras import require
+
+gguf = require("gguf", "gguf")
 
 SUPPORTED_ARCHITECTURES = ("llama",)
 Q = gguf.GGMLQuantizationType

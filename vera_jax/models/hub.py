@@ -249,7 +249,7 @@ def from_pretrained(
     `quant.DEFAULT_SKIP`: lm_head and classifier stay as they are), every leaf computed on the
     default device and, given `mesh`, sharded as the trainer shards it
     (`vera_jax.sharding.param_shardings` of the logical axes, `quant.quantized_axes` for quantized kernels,
-    by `rules`, default `vera_jax.sharding.DEFAULT_RULES`, the trainer's default). A `.gguf` file is read whole first.
+    by `rules`, e.g. the trainer's `config.mesh.rules`). A `.gguf` file is read whole first.
     """
     if quantize is not None:
         from vera_jax import quant
@@ -261,6 +261,9 @@ def from_pretrained(
                          "'int8' too")
     if rules is not None and mesh is None:
         raise ValueError("from_pretrained: rules is given but mesh is None; rules map logical axes onto a mesh")
+    if mesh is not None and rules is None:
+        raise ValueError("from_pretrained: mesh is given but rules is None; pass the logical-axis rules, e.g. "
+                         "vera_jax.train.default_config().mesh.rules")
     if str(name_or_dir).endswith(".gguf"):
         from vera_jax.models import gguf
 
@@ -324,7 +327,6 @@ def _leaf_finisher(model, dummy_inputs: tuple, param_dtype, quantize: str | None
 
             abstract = jax.eval_shape(quantized, abstract)
             axes = quant.quantized_axes(abstract, axes)
-        rules = sharding_lib.DEFAULT_RULES if rules is None else rules
         shardings = sharding_lib.param_shardings(abstract, axes, mesh, rules)
 
     def finish(path: tuple, value):

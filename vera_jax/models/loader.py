@@ -25,16 +25,13 @@ import jax
 import jax.numpy as jnp
 
 from vera_jax import quant, sharding
+from vera_jax.errors import ConfigError
 from vera_jax.models import common, hub
 from vera_jax.network import hub_unreachable
 
 QUANTIZE = ("", *quant.METHODS, "gguf")
 DTYPES = ("float32", "bfloat16", "float16")
 CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification")
-
-
-class ConfigError(ValueError):
-    """A config field has a value the run cannot use; the message names the field."""
 
 
 class CheckpointUnavailableError(RuntimeError):
@@ -56,7 +53,8 @@ class ModelSpec:
     dtype: the params' and the module's dtype ("float32" | "bfloat16" | "float16").
     num_labels, architecture: the head to build (see `hub.task_config`).
     seed: random_init weights and a fresh classifier.
-    mesh, rules: where a quantized safetensors load places each leaf (as the trainer shards it).
+    mesh, rules: where a quantized safetensors load places each leaf: the logical-axis rules
+        (the trainer's config.mesh.rules) onto `mesh`, as the trainer shards it.
     network_timeout: seconds to wait for the Hub before failing with advice.
     advice: appended to the offline error (how to pass the rest of a run's inputs offline).
     """
@@ -72,7 +70,7 @@ class ModelSpec:
     architecture: Optional[str] = None
     seed: int = 0
     mesh: Optional[jax.sharding.Mesh] = None
-    rules: tuple = sharding.DEFAULT_RULES
+    rules: tuple = ()
     network_timeout: float = 5.0
     advice: str = ""
 
@@ -85,6 +83,9 @@ class ModelSpec:
             raise ConfigError(f"model.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
         if self.overrides and not self.random_init:
             raise ConfigError("model.overrides: only with model.random_init=True (pretrained weights fix the shapes)")
+        if self.mesh is not None and not self.rules:
+            raise ValueError("ModelSpec: mesh is given without rules (logical axis -> mesh axis), e.g. "
+                             "vera_jax.train.default_config().mesh.rules")
 
     @classmethod
     def from_config(cls, config, **options) -> "ModelSpec":

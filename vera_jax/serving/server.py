@@ -33,11 +33,16 @@ import time
 import uuid
 from typing import Any, Union
 
-from fastapi import FastAPI
-from fastapi.concurrency import run_in_threadpool
-from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, StreamingResponse
-from pydantic import BaseModel, ConfigDict, Field
+from vera_jax.extras import missing, require
+
+try:
+    from fastapi import FastAPI
+    from fastapi.concurrency import run_in_threadpool
+    from fastapi.exceptions import RequestValidationError
+    from fastapi.responses import JSONResponse, StreamingResponse
+    from pydantic import BaseModel, ConfigDict, Field
+except ModuleNotFoundError as e:
+    raise missing("serving", e) from e
 
 from vera_jax.serving.bank import BASE, AdapterBank
 from vera_jax.serving.engine import Engine, Request, RequestError
@@ -371,6 +376,6 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
-    import uvicorn
+    uvicorn = require("uvicorn", "serving")
 
     uvicorn.run(app, host=host, port=port, **uvicorn_kwargs)

@@ -4,6 +4,9 @@
     summary = runner.run(glue.FAMILY, config, workdir)
 """
 
-from .runner import ConfigError, Family, Model, Parts, build, load_model, run
+from .._lazy import lazy_exports
 
-__all__ = ["ConfigError", "Family", "Model", "Parts", "build", "load_model", "run"]
+# imported from the runner when first used: a config's `vera_jax.tasks.config` alone stays light
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".runner": ("ConfigError", "Family", "Model", "Parts", "build", "load_model", "run"),
+})

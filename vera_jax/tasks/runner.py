@@ -31,10 +31,10 @@ from vera_jax.data.common import DataUnavailableError
 from vera_jax.models import loader
 from vera_jax.models.loader import CheckpointUnavailableError, ConfigError
 from vera_jax.models.loader import LoadedModel as Model
+from vera_jax.tasks.config import SET_BY_RUNNER, method_config, model_config  # noqa: F401 - a config's API
 
 METHODS = ("vera", "lora", "full", "head")
 METHOD_CONFIGS = {"vera": vera_jax.VeraConfig, "lora": vera_jax.LoraConfig}
-SET_BY_RUNNER = ("seed", "trainable_extra")  # method config fields the runner fills in
 
 @dataclasses.dataclass
 class Parts:
@@ -76,34 +76,6 @@ class Family:
     user_errors: tuple = ()
     advice: str = ""
     run_name: Callable = lambda config: f"{config.method}-s{config.seed}"
-
-
-def model_config() -> ml_collections.ConfigDict:
-    """The `config.model` fields the runner reads."""
-    m = ml_collections.ConfigDict()
-    m.checkpoint = ""  # Hub id, local checkpoint dir (config.json, *.safetensors, tokenizer) or .gguf file
-    m.tokenizer = ""  # a tokenizer directory, when the checkpoint has none
-    m.head = ("classifier",)  # modules trained in every method, at lr.head (trainable_extra)
-    m.random_init = False  # True: only the checkpoint's config.json; weights drawn from `seed`
-    m.overrides = ml_collections.ConfigDict()  # HF config fields replaced before building (e.g. layers)
-    m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized;
-    # "gguf": a .gguf checkpoint's Q4_0/Q4_1 linear weights kept in their stored 4-bit blocks
-    m.dtype = "float32"  # float32 | bfloat16 | float16: the loaded params (compute_dtype casts per step)
-    return m
-
-
-def method_config(cls, **values) -> ml_collections.ConfigDict:
-    """Every field of VeraConfig / LoraConfig but those the runner sets, with the class defaults
-    updated by `values`, so any of them can be set from the command line or swept."""
-    out = ml_collections.ConfigDict()
-    for name in cls.field_names():
-        if name in SET_BY_RUNNER:
-            continue
-        value = values.pop(name, getattr(cls(), name))
-        out[name] = ml_collections.config_dict.placeholder(tuple) if value is None else value
-    if values:
-        raise ConfigError(f"{cls.method}: unknown fields {sorted(values)}; allowed: {sorted(out)}")
-    return out
 
 
 def attach(params, config) -> vera_jax.Adapted:

@@ -5,26 +5,14 @@
     result = train_and_evaluate(config, workdir, Task(adapted=..., loss_fn=..., train_data=..., ...))
 """
 
-from .checkpoint import CheckpointMismatchError
-from .config import default_config
-from .mesh import initialize_distributed, make_mesh, param_shardings
-from .optim import make_optimizer, make_schedule
-from .trainer import (
-    PREEMPTED_EXIT_CODE,
-    Eval,
-    NonFiniteLossError,
-    Preempted,
-    Task,
-    TrainResult,
-    TrainState,
-    call_model_fn,
-    cast_params,
-    make_train_step,
-    train_and_evaluate,
-)
+from .._lazy import lazy_exports
 
-__all__ = [
-    "PREEMPTED_EXIT_CODE", "CheckpointMismatchError", "Eval", "NonFiniteLossError", "Preempted", "Task",
-    "TrainResult", "TrainState", "call_model_fn", "cast_params", "default_config", "initialize_distributed",
-    "make_mesh", "make_optimizer", "make_train_step", "make_schedule", "param_shardings", "train_and_evaluate",
-]
+# each name imported from its module when first used: a config's `default_config` never starts JAX
+__all__, __getattr__, __dir__ = lazy_exports(__name__, {
+    ".checkpoint": ("CheckpointMismatchError",),
+    ".config": ("default_config",),
+    ".mesh": ("initialize_distributed", "make_mesh", "param_shardings"),
+    ".optim": ("make_optimizer", "make_schedule"),
+    ".trainer": ("PREEMPTED_EXIT_CODE", "Eval", "NonFiniteLossError", "Preempted", "Task", "TrainResult",
+                 "TrainState", "call_model_fn", "cast_params", "make_train_step", "train_and_evaluate"),
+})

@@ -1,10 +1,19 @@
-"""Trainer configuration: every field the trainer reads, with its default and meaning."""
+"""Trainer configuration: every field the trainer reads, with its default and meaning. Plain
+ml_collections, no JAX: a config file builds on it without starting JAX."""
 
 from __future__ import annotations
 
 import ml_collections
 
-from vera_jax.sharding import DEFAULT_RULES
+# logical param axis -> mesh axis (None: replicated); first match wins
+DEFAULT_RULES = (
+    ("embed", "fsdp"),
+    ("mlp", "tensor"),
+    ("heads", "tensor"),
+    ("kv", None),
+    ("vocab", "tensor"),
+    ("joined_kv", "tensor"),
+)
 
 
 def default_config() -> ml_collections.ConfigDict:
