@@ -121,6 +121,8 @@ def test_bad_streaming_options_name_the_argument(checkpoint):
         hub.from_pretrained(checkpoint, quantize_skip=("lm_head",))
     with pytest.raises(ValueError, match="rules is given but mesh is None"):
         hub.from_pretrained(checkpoint, quantize="nf4", rules=(("embed", "fsdp"),))
+    with pytest.raises(ValueError, match="mesh is given but rules is None"):
+        hub.from_pretrained(checkpoint, quantize="nf4", mesh=jax.sharding.Mesh(jax.devices()[:1], ("data",)))
     with pytest.raises(ValueError, match=r"quantize 'nf4' with quantize_skip \['.\*'\] matched no linear module"):
         hub.from_pretrained(checkpoint, quantize="nf4", quantize_skip=(".*",))
 

@@ -5,8 +5,9 @@
 
 A family (`Family`) says only what is specific to it: how to load its data, the model options it
 needs (e.g. num_labels) and the trainer parts (`Parts`: examples, collate, loss, evals). Everything
-else lives here once: checkpoint resolution with offline advice, the method's adapter built from
-every field of `config.vera` / `config.lora`, the per-group learning rates from `config.lr`,
+else lives here once: the model, loaded by `vera_jax.models.loader` from one spec of
+`config.model` (resolution with offline advice, quantization, fresh heads), the method's adapter
+built from every field of `config.vera` / `config.lora`, the per-group learning rates from `config.lr`,
 parameter counts, the adapter file and the run summary.
 
     summary = runner.run(glue.FAMILY, config, workdir)      # from a notebook
