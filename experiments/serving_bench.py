@@ -46,7 +46,7 @@ from experiments import serving_roofline as roofline
 from vera_jax.adapters.config import VeraConfig
 from vera_jax.adapters.hooks import LayerCall, layer_hooks
 from vera_jax.adapters.targets import find_targets
-from vera_jax.models import gpt2, hub
+from vera_jax.models import hub, loader
 from vera_jax.models.generate import ModelDecoder
 from vera_jax.serving.batched import BankDecoder
 
@@ -131,8 +131,8 @@ def run(layers, batch, context, adapters, vera_ranks, lora_r, lora_adapters, tar
     cfg = {**hub.bundled_config("gpt2-medium"), "n_layer": layers}
     if hidden:
         cfg.update(n_embd=hidden, n_head=max(1, hidden // 64))
-    model = gpt2.build(cfg)
-    params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    loaded = loader.random_model(cfg)
+    model, params = loaded.module, loaded.params
     cache = model.init_cache(batch, context + 8)
     cache = {**cache, "index": jnp.full((batch,), context, jnp.int32)}
     rng = np.random.RandomState(0)
