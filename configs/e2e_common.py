@@ -5,18 +5,14 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.glue_common import parse_arg
+from configs.common import check_method, parse_arg
 from vera_jax import LoraConfig, VeraConfig
 from vera_jax.tasks import runner
 from vera_jax.train import default_config
 
-METHODS = ("vera", "lora", "full")
-
 
 def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, method="vera", seed=0)
-    if a.method not in METHODS:
-        raise ValueError(f"config arg method: expected one of {METHODS}, got {a.method!r}")
     c = default_config()
     c.seed = a.seed  # data order, dropout and VeRA/LoRA init
     c.method = a.method  # vera | lora | full
@@ -64,4 +60,4 @@ def base_config(arg: str | None = None) -> ml_collections.ConfigDict:
     c.best_metric = "BLEU"
     c.save_adapter = True  # write the trained vectors to workdir/adapter
     c.log_every_steps = 100
-    return c
+    return check_method(c)

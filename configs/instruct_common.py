@@ -12,20 +12,17 @@ from __future__ import annotations
 
 import ml_collections
 
-from configs.common import parse_arg
+from configs.common import check_method, parse_arg
 from vera_jax import LoraConfig, VeraConfig
 from vera_jax.tasks import runner
 from vera_jax.train import default_config
 
-METHODS = ("vera", "lora", "full")
 TARGETS = ("query", "key", "value", "attn_out", "gate", "up", "down")  # every linear layer but lm_head
 QLORA_DROPOUT = {"7b": 0.1, "13b": 0.05}  # QLoRA's finetune_guanaco_{7b,13b}.sh
 
 
 def base_config(arg: str | None = None, size: str = "7b") -> ml_collections.ConfigDict:
     a = parse_arg(arg, method="vera", seed=0)
-    if a.method not in METHODS:
-        raise ValueError(f"config arg method: expected one of {METHODS}, got {a.method!r}")
     c = default_config()
     c.seed = a.seed  # data order, dropout and VeRA/LoRA init (the held-out slice is fixed)
     c.method = a.method  # vera | lora | full
@@ -76,4 +73,4 @@ def base_config(arg: str | None = None, size: str = "7b") -> ml_collections.Conf
     c.best_mode = "min"  # heldout/loss
     c.save_adapter = True  # write the trained vectors to workdir/adapter
     c.log_every_steps = 10
-    return c
+    return check_method(c)

@@ -10,28 +10,37 @@
     vera_jax.save_adapter("out/adapter", adapted)
     adapted = vera_jax.load_adapter("out/adapter", params)
     adapted = vera_jax.apply_vera(nnx_model, config); y = vera_jax.nnx_merge(nnx_model, adapted)(x)  # flax.nnx
+    adapted = vera_jax.attach(params, vera_jax.DVoraConfig(r=256))        # any registered method
+    vera_jax.register_method(vera_jax.Method(name=..., config_class=..., init=..., delta=..., term=...))
 """
 
 from .adapters import (
     Adapted,
     AdapterFileError,
+    DVoraConfig,
     FullConfig,
     HeadConfig,
     LayerSpec,
     LoraConfig,
+    Method,
+    MethodConfig,
+    PeftMapping,
     VeraConfig,
     apply_adapted,
+    apply_dvora,
     apply_factored,
     apply_full,
     apply_head,
     apply_lora,
     apply_vera,
+    attach,
     call_adapted,
     choose_path,
     combine,
     count_trainable,
     find_targets,
     fingerprint,
+    get_method,
     layer_costs,
     layer_delta,
     load_adapter,
@@ -42,15 +51,19 @@ from .adapters import (
     partition,
     save_adapter,
 )
+from .adapters import register as register_method
+from .adapters import unregister as unregister_method
 from .interop import PeftFormatError, export_merged, load_peft_adapter, save_peft_adapter
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
-    "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted",
-    "choose_path", "combine",
-    "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
-    "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
+    "Adapted", "AdapterFileError", "DVoraConfig", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig",
+    "Method", "MethodConfig", "PeftMapping", "VeraConfig",
+    "apply_adapted", "apply_dvora", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera",
+    "attach", "call_adapted", "choose_path", "combine",
+    "count_trainable", "find_targets", "fingerprint", "get_method", "layer_costs", "layer_delta", "load_adapter",
+    "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "register_method", "save_adapter",
+    "unregister_method",
     "PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter",
 ]

@@ -1,10 +1,12 @@
 """The factored and auto paths: run any linen model on its base params and handle each adapted
 layer where it is called.
 
-Factored: add the low-rank term to the layer's output, without building W0 + delta:
+Factored: add the method's low-rank term (its registry `term`) to the layer's output, without
+building W0 + delta:
 
     y = x @ W0 + ((x @ A_l.T) * d) @ (b * B_l).T          (VeRA; b scales B_l's rows)
     y = x @ W0 + ((x @ A.T) @ B.T) * alpha / r            (LoRA)
+    y = s * (x @ W0 + term) + bias                        (a method with `rescale`, e.g. DVoRA)
 
 Auto: per layer, merged or factored by the cost model (`cost.py`) for the token count the layer
 sees; a merged layer runs an unbound copy of its own module on W0 + delta.
@@ -31,8 +33,9 @@ import jax.numpy as jnp
 
 from .. import quant
 from ..tree import get_path, path_str
-from .core import Adapted, layer_delta, layer_projections, merge
+from .core import Adapted, dense_kernel, merge, merged_kernel
 from .cost import choose_path
+from .methods import registry
 from .targets import LayerSpec
 
 
@@ -42,20 +45,22 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
     if dropout and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    method = registry.get(adapted.method)
+    if method.term is None:
+        raise ValueError(f"method {adapted.method!r} has no factored path (no term); use path='merged'")
+    return method.term(adapted, spec, get_path(adapted.adapter, spec.path), x)
+
+
+def _rescaled(adapted: Adapted, spec: LayerSpec, module, out: jax.Array, term: jax.Array) -> jax.Array:
+    """y = s * (x @ W0 + term) + bias for a method with a per-output `rescale` (DVoRA), s from
+    the merged W0 + delta, all in float32; `out` is the layer's own output (x @ W0 + bias)."""
+    method = registry.get(adapted.method)
+    own = module.variables["params"]
+    w0 = dense_kernel(own["kernel"]).reshape(spec.in_features, spec.out_features)
     vec = get_path(adapted.adapter, spec.path)
-    if adapted.method == "vera":
-        # b scales B's rows before the product, not the (tokens, out) product after it: autodiff
-        # of `(h @ B.T) * b` keeps that (tokens, out) product for b's gradient (out up to the MLP
-        # width per layer: more activation memory than LoRA's whole adapter); this way the
-        # backward keeps only (tokens, r) and pays one more tokens x r x out product
-        # (`cost.layer_costs`).
-        a, b = layer_projections(adapted, spec)
-        h = (x @ a.astype(x.dtype).T) * vec["lambda_d"].astype(x.dtype)
-        return h @ (b * vec["lambda_b"][:, None]).astype(x.dtype).T
-    if adapted.method == "lora":
-        h = x @ vec["lora_A"].astype(x.dtype).T
-        return (h @ vec["lora_B"].astype(x.dtype).T) * jnp.asarray(adapted.config.scaling, x.dtype)
-    raise ValueError(f"method {adapted.method!r} has no factored path")
+    scale = method.rescale(adapted, spec, vec, w0 + method.delta(adapted, spec, vec, jnp.float32))
+    bias = own["bias"].astype(jnp.float32).reshape(spec.out_features) if "bias" in own else 0.0
+    return scale * (out.astype(jnp.float32) - bias + term.astype(jnp.float32)) + bias
 
 
 def layer_path(adapted: Adapted, spec: LayerSpec, tokens: int, path: str, train: bool = True,
@@ -67,6 +72,8 @@ def layer_path(adapted: Adapted, spec: LayerSpec, tokens: int, path: str, train:
         return "factored"
     if path == "merged":
         return "merged"
+    if registry.get(adapted.method).cost is None:
+        return "factored"
     return choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train)
 
 
@@ -111,6 +118,7 @@ def call_adapted(
             return fn(transform(merge(adapted, compute_dtype)), *args)
     specs = {spec.path: spec for spec in adapted.layers}
     quantized = quant.quantized_paths(adapted.base)
+    rescaled = registry.get(adapted.method).rescale is not None
     seen: set[tuple] = set()
 
     def interceptor(next_fun, call_args, call_kwargs, context):
@@ -125,12 +133,17 @@ def call_adapted(
         if layer_path(adapted, spec, tokens, path, train, quantized, dropout) == "merged":
             own = dict(module.variables["params"])
             w0 = own["kernel"]
-            delta = layer_delta(adapted, spec, compute_dtype if compute_dtype is not None else w0.dtype)
-            own["kernel"] = (w0.astype(jnp.float32) + delta.reshape(w0.shape)).astype(w0.dtype)
+            narrow = compute_dtype if compute_dtype is not None else w0.dtype
+            flat = w0.reshape(spec.in_features, spec.out_features)
+            own["kernel"] = merged_kernel(adapted, spec, flat, narrow).reshape(w0.shape).astype(w0.dtype)
             return module.clone(parent=None).apply({"params": own}, *call_args, **call_kwargs)
         out = next_fun(*call_args, **call_kwargs)
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
         x = x.reshape(lead + (spec.in_features,))
+        if rescaled:
+            flat = out.reshape(lead + (spec.out_features,))
+            term = layer_term(adapted, spec, x.astype(jnp.float32), rng)
+            return _rescaled(adapted, spec, module, flat, term).reshape(out.shape).astype(out.dtype)
         if spec.path in quantized:
             term = layer_term(adapted, spec, x.astype(jnp.float32), rng)
             return (out.astype(jnp.float32) + term.reshape(out.shape)).astype(out.dtype)

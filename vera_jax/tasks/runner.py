@@ -30,12 +30,11 @@ import ml_collections
 import vera_jax
 from vera_jax import quant
 from vera_jax import train as train_lib
+from vera_jax.adapters.methods import registry
 from vera_jax.data.common import DataUnavailableError, hub_unreachable
 from vera_jax.models import common as model_common
 from vera_jax.models import hub
 
-METHODS = ("vera", "lora", "full", "head")
-METHOD_CONFIGS = {"vera": vera_jax.VeraConfig, "lora": vera_jax.LoraConfig}
 SET_BY_RUNNER = ("seed", "trainable_extra")  # method config fields the runner fills in
 CLASSIFIER_SUFFIXES = ("ForSequenceClassification", "ForImageClassification")
 
@@ -140,7 +139,8 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def method_config(cls, **values) -> ml_collections.ConfigDict:
-    """Every field of VeraConfig / LoraConfig but those the runner sets, with the class defaults
+    """Every field of a method's config class (VeraConfig, LoraConfig, DVoraConfig, ...) but those
+    the runner sets, with the class defaults
     updated by `values`, so any of them can be set from the command line or swept."""
     out = ml_collections.ConfigDict()
     for name in cls.field_names():
@@ -153,33 +153,49 @@ def method_config(cls, **values) -> ml_collections.ConfigDict:
     return out
 
 
+def _method(config) -> vera_jax.Method:
+    """The registered method `config.method` names; ConfigError listing the known ones."""
+    try:
+        return vera_jax.get_method(config.method)
+    except KeyError:
+        raise ConfigError(f"method: expected one of {registry.names()}, got {config.method!r}") from None
+
+
 def attach(params, config) -> vera_jax.Adapted:
-    """The method's adapter on `params` (config.method, config.vera / config.lora, config.seed);
-    the modules of config.model.head always train."""
-    head = tuple(config.model.head)
-    if config.method in METHOD_CONFIGS:
-        cls = METHOD_CONFIGS[config.method]
-        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config[config.method].items()}
-        try:
-            method_cfg = cls(**fields, seed=config.seed, trainable_extra=head)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{config.method}: {e}") from e
-        apply = vera_jax.apply_vera if config.method == "vera" else vera_jax.apply_lora
-        return apply(params, method_cfg)
-    if config.method == "full":
-        return vera_jax.apply_full(params, head)
-    return vera_jax.apply_head(params, head)
+    """The method's adapter on `params`: its config class (from the registry) built from every
+    field of `config.<method>` (e.g. config.vera; none for head/full), config.seed when the class
+    has a seed; the modules of config.model.head always train."""
+    method = _method(config)
+    cls = method.config_class
+    section = {}
+    if method.adapts_layers:
+        if config.method not in config:
+            raise ConfigError(f"{config.method}: this config has no section config.{config.method} (the "
+                              f"{cls.__name__} fields; e.g. runner.method_config({cls.__name__}, r=...))")
+        section = config[config.method]
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()}
+    fields["trainable_extra"] = tuple(config.model.head)
+    if "seed" in cls.field_names():
+        fields["seed"] = config.seed
+    try:
+        method_cfg = cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{config.method}: {e}") from e
+    return vera_jax.attach(params, method_cfg)
 
 
 def learning_rates(config) -> dict:
     """Peak lr per optimizer group from `config.lr` (the one place rates are set): the method's
-    adapter rate (lr.vera or lr.lora), lr.head, lr.full. An entry may be a {method: rate} dict
+    adapter rate (lr.<method>: lr.vera, lr.lora, lr.dvora) when it adapts layers, lr.head, lr.full.
+    An entry may be a {method: rate} dict
     (e.g. lr.head when the paper tunes the head's rate per method): config.method picks from it."""
     if len(config.optimizer.learning_rates):
         raise ConfigError("optimizer.learning_rates: set by the runner from config.lr; set lr.vera, lr.lora, "
                           f"lr.head or lr.full instead (got {sorted(config.optimizer.learning_rates)})")
 
     def rate(name):
+        if name not in config.lr:
+            raise ConfigError(f"lr.{name}: missing; config.lr has {sorted(config.lr.keys())}")
         value = config.lr[name]
         if not hasattr(value, "keys"):
             return value
@@ -188,7 +204,7 @@ def learning_rates(config) -> dict:
         return value[config.method]
 
     rates = {"head": rate("head"), "full": rate("full")}
-    if config.method in METHOD_CONFIGS:
+    if _method(config).adapts_layers:
         rates["adapter"] = rate(config.method)
     return rates
 
@@ -277,17 +293,16 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
 
 
 def _validate(config) -> None:
-    if config.method not in METHODS:
-        raise ConfigError(f"method: expected one of {METHODS}, got {config.method!r}")
+    method = _method(config)
     quantize = config.model.get("quantize", "")
     if quantize not in ("", *quant.METHODS, "gguf"):
         raise ConfigError(f"model.quantize: expected one of {['', *quant.METHODS, 'gguf']}, got {quantize!r}")
     if quantize and config.adapter_path == "merged":
         raise ConfigError(f"adapter_path: 'merged' would merge into the kernels model.quantize={quantize!r} keeps "
                           "quantized (never done); use 'factored' or 'auto'")
-    if quantize and config.method == "full":
-        raise ConfigError(f"method: 'full' would train the kernels model.quantize={quantize!r} keeps frozen; "
-                          "use vera, lora or head")
+    if quantize and method.trains_base:
+        raise ConfigError(f"method: {config.method!r} would train the kernels model.quantize={quantize!r} keeps "
+                          f"frozen; use one of {[n for n in registry.names() if not registry.get(n).trains_base]}")
 
 
 def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
