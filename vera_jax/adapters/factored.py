@@ -41,7 +41,7 @@ from .targets import LayerSpec
 
 def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     """The adapter's additive output for input `x` of shape (..., in), shape (..., out)."""
-    dropout = adapted.config.dropout
+    dropout = getattr(adapted.config, "dropout", 0.0)
     if dropout and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
