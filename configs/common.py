@@ -15,3 +15,4 @@ def parse_arg(arg: str | None, **defaults) -> ml_collections.ConfigDict:
             raise ValueError(f"config arg {item!r}: expected key=value with key in {sorted(defaults)}")
         out[key] = type(defaults[key])(value)
     return out
+

@@ -9,7 +9,7 @@ from __future__ import annotations
 import ml_collections
 
 from configs.common import parse_arg
-from vera_jax import LoraConfig, VeraConfig
+from vera_jax.adapters.config import DVoraConfig, LoraConfig, VeraConfig
 from vera_jax.tasks.config import method_config, model_config
 from vera_jax.train import default_config
 
@@ -26,7 +26,7 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     a = parse_arg(arg, method="vera", seed=0)
     c = default_config()
     c.seed = a.seed  # data order, dropout, VeRA/LoRA init and the fresh classifier head
-    c.method = a.method  # vera | lora | full (all weights) | head (classifier only)
+    c.method = a.method  # vera | lora | dvora | full (all weights) | head (classifier only)
     c.network_timeout = 5.0  # seconds to wait for the Hub / tfds hosts before failing with advice
 
     c.model = model_config()  # checkpoint, tokenizer, head, random_init, overrides
@@ -50,11 +50,14 @@ def base_config(task: str, arg: str | None = None) -> ml_collections.ConfigDict:
     # LoRA paper, Appendix D: alpha 8. Its released NLU scripts (microsoft/LoRA examples/NLU/*.sh)
     # pass --lora_alpha 16, a known mismatch (microsoft/LoRA issue 37); we follow the paper.
     c.lora = method_config(LoraConfig, r=8, alpha=8.0, targets=("query", "value"))
+    # DVoRA (VeRA's direction, DoRA's magnitude): every VeraConfig field, VeRA's values here.
+    c.dvora = method_config(DVoraConfig, r=1024, targets=("query", "value"), d_initial=0.1)
 
     c.lr = ml_collections.ConfigDict()  # the one place learning rates are set (the runner maps them to groups)
     c.lr.head = 4e-3  # classifier head (paper: its own lr)
     c.lr.vera = 1e-2  # VeRA d and b vectors
     c.lr.lora = 4e-4  # LoRA A and B
+    c.lr.dvora = 1e-2  # DVoRA d, b and magnitude m
     c.lr.full = 2e-5  # every body weight in method=full
 
     c.optimizer.weight_decay = 0.0  # AdamW; the paper states none
@@ -78,11 +81,11 @@ def roberta(size: str, task: str, *, epochs: float, head_lr: float, vera_lr: flo
     p = ROBERTA[size]
     c = base_config(task, arg)
     c.model.checkpoint = p["checkpoint"]
-    c.vera.r = p["r"]
+    c.vera.r = c.dvora.r = p["r"]
     c.batch_size = c.eval_batch_size = p["batch_size"]
     c.data.max_length = p["max_length"]
     c.num_epochs = float(epochs)
-    c.lr.head, c.lr.vera, c.lr.lora = head_lr, vera_lr, lora_lr
+    c.lr.head, c.lr.vera, c.lr.lora, c.lr.dvora = head_lr, vera_lr, lora_lr, vera_lr
     c.lr.full = {"base": 2e-5, "large": 1e-5}[size]
     return c
 
@@ -100,8 +103,8 @@ def minilm(task: str, *, epochs: float, train_limit: int, arg: str | None = None
     c.data.buckets = (32, 64)
     c.data.sort_window = 16
     c.data.train_limit = train_limit
-    c.vera.r = 256
-    c.lr.head, c.lr.vera, c.lr.lora, c.lr.full = 4e-3, 1e-2, 1e-3, 5e-5
+    c.vera.r = c.dvora.r = 256
+    c.lr.head, c.lr.vera, c.lr.lora, c.lr.full, c.lr.dvora = 4e-3, 1e-2, 1e-3, 5e-5, 1e-2
     c.batch_size = 32
     c.eval_batch_size = 128
     c.num_epochs = float(epochs)

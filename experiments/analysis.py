@@ -39,8 +39,8 @@ def _module(spec) -> str:
 
 def d_magnitudes(adapted) -> list[dict]:
     """One row per adapted layer: layer index, module name, mean and max |d|, mean |b|."""
-    if adapted.method != "vera":
-        raise ValueError(f"d_magnitudes: expected a VeRA adapter, got {adapted.method}")
+    if not all({"lambda_d", "lambda_b"} <= set(get_path(adapted.adapter, s.path)) for s in adapted.layers):
+        raise ValueError(f"d_magnitudes: expected a VeRA adapter (d and b vectors), got {adapted.method}")
     rows = []
     for spec in adapted.layers:
         vec = get_path(adapted.adapter, spec.path)

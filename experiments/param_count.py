@@ -88,12 +88,11 @@ def abstract_params(config_name: str) -> dict:
 
 def count(params: dict, row: Row) -> dict:
     """Adapted-layer count and trainable parameters for one row."""
-    if row.method == "vera":
-        config = vera_jax.VeraConfig(r=row.r, targets=row.targets)
-        adapted = jax.eval_shape(lambda p: vera_jax.apply_vera(p, config), params)
-    else:
-        config = vera_jax.LoraConfig(r=row.r, alpha=row.r, targets=row.targets)
-        adapted = jax.eval_shape(lambda p: vera_jax.apply_lora(p, config), params)
+    fields = {"r": row.r, "targets": row.targets}
+    if "alpha" in vera_jax.get_method(row.method).config_class.field_names():
+        fields["alpha"] = row.r  # LoRA at scale 1
+    config = vera_jax.get_method(row.method).config_class(**fields)
+    adapted = jax.eval_shape(lambda p: vera_jax.attach(p, config), params)
     return {"layers": len(adapted.layers), "trainable": vera_jax.count_trainable(adapted)}
 
 

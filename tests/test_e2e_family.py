@@ -133,8 +133,11 @@ def test_configs_carry_the_paper_settings():
         lora = module.get_config("method=lora,seed=2")
         assert (lora.method, lora.seed, lora.lora.r, lora.lora.alpha, lora.lora.dropout, lora.lr.lora) == \
             ("lora", 2, 4, 32.0, 0.1, 2e-4)
-    with pytest.raises(ValueError, match="config arg method: expected one of"):
-        gpt2_medium_e2e.get_config("method=head")
+    from vera_jax.tasks import runner
+
+    assert runner.runnable_methods(gpt2_medium_e2e.get_config()) == ["full", "lora", "vera"]  # no head to train
+    with pytest.raises(runner.ConfigError, match=r"method: expected one of \['full', 'lora', 'vera'\], got 'head'"):
+        runner._validate(gpt2_medium_e2e.get_config("method=head"))
 
 
 def test_offline_training_exits_within_seconds_saying_what_to_do(tmp_path):

@@ -15,7 +15,7 @@ import numpy as np
 import optax
 import pytest
 
-from vera_jax import LoraConfig, VeraConfig
+from vera_jax import DVoraConfig, LoraConfig, VeraConfig
 from vera_jax.tasks import runner
 from vera_jax.train import Eval, default_config
 
@@ -90,14 +90,15 @@ def toy_config(checkpoint: str, method: str = "vera") -> ml_collections.ConfigDi
     c.data = ml_collections.ConfigDict({"seed": 0, "train": 32})
     c.vera = runner.method_config(VeraConfig, r=4, targets=("query", "value"))
     c.lora = runner.method_config(LoraConfig, r=2, alpha=2.0)
-    c.lr = ml_collections.ConfigDict({"vera": 1e-2, "lora": 1e-3, "head": 1e-2, "full": 1e-4})
+    c.dvora = runner.method_config(DVoraConfig, r=4, targets=("query", "value"))
+    c.lr = ml_collections.ConfigDict({"vera": 1e-2, "lora": 1e-3, "dvora": 1e-2, "head": 1e-2, "full": 1e-4})
     c.batch_size, c.eval_batch_size, c.num_epochs = 8, 8, 2.0
     c.checkpoint_async, c.tensorboard, c.progress_bar, c.log_every_steps = False, False, False, 2
     c.data_threads = c.data_prefetch = 1
     return c
 
 
-@pytest.mark.parametrize("method", ["vera", "lora"])
+@pytest.mark.parametrize("method", ["vera", "lora", "dvora"])
 def test_toy_family_runs_end_to_end_through_the_runner(method, bert_config_dir, tmp_path):
     summary = runner.run(TOY, toy_config(bert_config_dir, method), str(tmp_path))
     assert summary["family"] == "toy" and summary["method"] == method and summary["steps"] == 8
@@ -105,7 +106,8 @@ def test_toy_family_runs_end_to_end_through_the_runner(method, bert_config_dir, 
     dev = [e["accuracy"] for e in summary["evals"] if e["eval"] == "dev"]
     assert summary["best"]["eval"] == "dev" and summary["best"]["value"] == max(dev)
     assert summary["final"]["evals"]["test"]["accuracy"] == summary["evals"][-1]["accuracy"]
-    assert summary["adapter_params"] == (2 * 2 * (4 + 16) if method == "vera" else 2 * 2 * (2 * 16 + 16 * 2))
+    per_layer = {"vera": 4 + 16, "lora": 2 * 16 + 16 * 2, "dvora": 4 + 16 + 16}[method]  # dvora: d, b, m
+    assert summary["adapter_params"] == 2 * 2 * per_layer
     assert json.loads((tmp_path / "summary.json").read_text())["evals"] == summary["evals"]
     assert os.path.exists(tmp_path / "adapter" / "adapter_config.json")
     lines = [json.loads(ln) for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]

@@ -10,6 +10,8 @@
     vera_jax.save_adapter("out/adapter", adapted)
     adapted = vera_jax.load_adapter("out/adapter", params)
     adapted = vera_jax.apply_vera(nnx_model, config); y = vera_jax.nnx_merge(nnx_model, adapted)(x)  # flax.nnx
+    adapted = vera_jax.attach(params, vera_jax.DVoraConfig(r=256))        # any registered method
+    vera_jax.register_method(vera_jax.Method(name=..., config_class=..., init=..., delta=..., term=...))
 """
 
 from ._lazy import lazy_exports
@@ -20,10 +22,13 @@ __version__ = "0.1.0"
 # vera_jax, e.g. a config's `vera_jax.train.config`, then never starts JAX).
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".adapters": (
-        "Adapted", "AdapterFileError", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig", "VeraConfig",
-        "apply_adapted", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera", "call_adapted",
-        "choose_path", "combine", "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta",
-        "load_adapter", "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
+        "Adapted", "AdapterFileError", "DVoraConfig", "FullConfig", "HeadConfig", "LayerSpec", "LoraConfig",
+        "Method", "MethodConfig", "PeftMapping", "VeraConfig",
+        "apply_adapted", "apply_dvora", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera",
+        "attach", "call_adapted", "choose_path", "combine", "count_trainable", "find_targets", "fingerprint",
+        "get_method", "layer_costs", "layer_delta", "load_adapter", "make_projections", "merge", "nnx_merge",
+        "optax_labels", "partition", "save_adapter",
     ),
+    ".adapters.methods.registry": ("register_method", "unregister_method"),
     ".interop": ("PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter"),
 })

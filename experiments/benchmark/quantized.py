@@ -75,12 +75,14 @@ def model_config(model: str, layers: int, hidden: int, vocab: int) -> dict:
     return {**hub.bundled_config(model), "num_hidden_layers": layers}
 
 
+ADAPTERS = {"vera": lambda r: vera_jax.VeraConfig(r=r, targets=TARGETS),
+            "lora": lambda r: vera_jax.LoraConfig(r=r, alpha=r, targets=TARGETS)}  # the runs' configs at rank r
+
+
 def adapter(method: str, r: int, params) -> vera_jax.Adapted:
-    if method == "vera":
-        return vera_jax.apply_vera(params, vera_jax.VeraConfig(r=r, targets=TARGETS))
-    if method == "lora":
-        return vera_jax.apply_lora(params, vera_jax.LoraConfig(r=r, alpha=r, targets=TARGETS))
-    raise ValueError(f"runs: method {method!r} is not one of ['vera', 'lora']")
+    if method not in ADAPTERS:
+        raise ValueError(f"runs: method {method!r} is not one of {list(ADAPTERS)}")
+    return vera_jax.attach(params, ADAPTERS[method](r))
 
 
 def quantized_floor(model: nn.Module, dtype: str):

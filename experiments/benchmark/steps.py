@@ -73,7 +73,7 @@ def adapted_for(method: str, params: dict, vera_r: int, lora_r: int) -> vera_jax
 def extra_flops(adapted: vera_jax.Adapted, path: str, tokens: int) -> float | None:
     """FLOPs (2 x multiply-adds) the cost model says the adapter adds to the floor's step on
     `path`, with `tokens` rows through every adapted layer; None for methods it does not model."""
-    if adapted.method not in ("vera", "lora"):
+    if not adapted.layers or vera_jax.get_method(adapted.method).cost is None:
         return None
     quantized = quant.quantized_paths(adapted.base)
     total = 0

@@ -13,6 +13,7 @@ from typing import Any, ClassVar, Mapping
 
 _DEFAULT_LAYER_NAMES = ("layer", "layers", "h", "block", "blocks")
 PROJECTION_INITS = ("kaiming_uniform", "kaiming_normal", "uniform")
+PROJECTION_MODES = ("shared", "per_shape")
 
 
 def _as_str_tuple(cls: str, name: str, value: Any, allow_empty: bool) -> tuple[str, ...]:
@@ -81,8 +82,14 @@ def _in_axes_tuple(cls: str, value: Any) -> tuple[tuple[str, int], ...]:
     return tuple(sorted((k, _check_int(cls, "kernel_in_axes", v, 1)) for k, v in items))
 
 
-class _Config:
-    """Shared behaviour: unknown-field errors, dict round trip for adapter files."""
+def _tuples(value):
+    """JSON lists back to the tuples a config holds (hashable: configs are static under jit)."""
+    return tuple(_tuples(v) for v in value) if isinstance(value, list) else value
+
+
+class MethodConfig:
+    """Base of every method's config (a frozen dataclass): unknown-field errors, dict round trip
+    for adapter files. A subclass sets the class attribute `method` to its registered name."""
 
     method: ClassVar[str]
 
@@ -95,7 +102,7 @@ class _Config:
         unknown = sorted(set(data) - set(cls.field_names()))
         if unknown:
             raise ValueError(f"{cls.__name__}: unknown field(s) {unknown}; allowed: {list(cls.field_names())}")
-        return cls(**data)
+        return cls(**{k: _tuples(v) for k, v in data.items()})
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
@@ -125,7 +132,7 @@ def _strict_init(cls):
 
 @_strict_init
 @dataclasses.dataclass(frozen=True)
-class VeraConfig(_Config):
+class VeraConfig(MethodConfig):
     """VeRA: one frozen random pair A (r, in_max), B (out_max, r) shared by every targeted layer.
 
     Fields:
@@ -144,6 +151,10 @@ class VeraConfig(_Config):
         more than two axes (DenseGeneral); unlisted kernels have one input axis.
       save_projection: store A and B in adapter files (as PEFT allows) instead of only their
         fingerprint.
+      projections: "shared" (VeRA, PEFT: one pair A (r, in_max), B (out_max, r), sliced per layer)
+        or "per_shape": one pair A (r, in), B (out, r) per distinct (in, out) kernel shape, each
+        drawn from its own key derived from the seed and the shape (no slicing; for models whose
+        layers differ in shape, e.g. LLaMA's MLP vs attention).
     Ablation switches (the paper's Section 5 and the review discussion; defaults are VeRA):
       share_projections: False gives each layer its own A_l (r, in), B_l (out, r), drawn from a
         key derived from the seed and the layer's path (trainable count unchanged).
@@ -166,6 +177,7 @@ class VeraConfig(_Config):
     layers_pattern: tuple[str, ...] = _DEFAULT_LAYER_NAMES
     kernel_in_axes: tuple[tuple[str, int], ...] = ()
     save_projection: bool = False
+    projections: str = "shared"
     share_projections: bool = True
     projection_init: str = "kaiming_uniform"
     train_d: bool = True
@@ -197,11 +209,30 @@ class VeraConfig(_Config):
             raise ValueError(f"{name}.train_d, {name}.train_b: at least one of the vectors must train")
         if self.projection_init not in PROJECTION_INITS:
             raise ValueError(f"{name}.projection_init: {self.projection_init!r} is not one of {list(PROJECTION_INITS)}")
+        if self.projections not in PROJECTION_MODES:
+            raise ValueError(f"{name}.projections: {self.projections!r} is not one of {list(PROJECTION_MODES)}")
+        if self.projections == "per_shape" and not self.share_projections:
+            raise ValueError(f"{name}.projections, {name}.share_projections: per_shape shares one pair per kernel "
+                             "shape, share_projections=False gives each layer its own; choose one")
 
 
 @_strict_init
 @dataclasses.dataclass(frozen=True)
-class LoraConfig(_Config):
+class DVoraConfig(VeraConfig):
+    """DVoRA (DoRA paper, Liu et al. 2024): VeRA's update as the direction, DoRA's magnitude.
+
+    W' = m * (W0 + delta_VeRA) / ||W0 + delta_VeRA||_c, the norm per output column over the input
+    axis and detached from the gradient (as DoRA); m (out,) is trained and starts at the norm of
+    the initial W0 + delta (= ||W0||_c with b_initial=0), so training starts at the base model.
+    Every field means what it means in `VeraConfig`.
+    """
+
+    method: ClassVar[str] = "dvora"
+
+
+@_strict_init
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(MethodConfig):
     """LoRA, the baseline: per-layer trainable A (r, in) and B (out, r), delta scaled by alpha / r.
 
     A is Kaiming-uniform (PEFT's bound 1/sqrt(in)) from `seed` folded with the layer's index,
@@ -239,7 +270,7 @@ class LoraConfig(_Config):
 
 @_strict_init
 @dataclasses.dataclass(frozen=True)
-class HeadConfig(_Config):
+class HeadConfig(MethodConfig):
     """No adapter: only the modules in `trainable_extra` (e.g. the classifier) are trained."""
 
     method: ClassVar[str] = "head"
@@ -254,7 +285,7 @@ class HeadConfig(_Config):
 
 @_strict_init
 @dataclasses.dataclass(frozen=True)
-class FullConfig(_Config):
+class FullConfig(MethodConfig):
     """Full fine-tuning: every parameter is trained; `trainable_extra` modules are labelled "head"
     (their own learning rate), the rest "full"."""
 
@@ -266,6 +297,3 @@ class FullConfig(_Config):
             self, "trainable_extra",
             _as_str_tuple("FullConfig", "trainable_extra", self.trainable_extra, allow_empty=True)
         )
-
-
-CONFIG_CLASSES = {c.method: c for c in (VeraConfig, LoraConfig, HeadConfig, FullConfig)}

@@ -1,4 +1,5 @@
-"""Which adapter path is cheaper for one layer: a cost model in multiply-adds.
+"""Which adapter path is cheaper for one layer: a cost model in multiply-adds. Each method's
+counts are its registry record's `cost` (methods/vera.py, lora.py, dvora.py); VeRA's and LoRA's:
 
 For a layer with `tokens` rows of input, kernel (n_in, n_out) and rank r:
 
@@ -17,7 +18,7 @@ For a layer with `tokens` rows of input, kernel (n_in, n_out) and rank r:
 The merged path is cheaper when the factored products outweigh n_in*n_out*(tokens + 3r), which
 is VeRA's usual regime (large r), while LoRA's small r favours the factored path. Both are the
 minimum the implementation reaches: the merged delta's backward is hand-written
-(`core.vera_delta`), and the factored VeRA term keeps only (tokens, r) activations.
+(`methods.vera.vera_delta`), and the factored VeRA term keeps only (tokens, r) activations.
 Memory, reported but not used to choose: merged holds W_eff and dW (2*n_in*n_out numbers),
 factored keeps the (tokens, r) activation for the backward pass.
 """
@@ -26,18 +27,19 @@ from __future__ import annotations
 
 from typing import Literal
 
+from .methods import registry
+
 Path = Literal["merged", "factored"]
 
 
 def layer_costs(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True) -> dict:
-    """Multiply-adds and extra activation/weight memory (in numbers) of both paths for one layer."""
-    if train:
-        merged = tokens * n_in * n_out + 3 * n_in * r * n_out
-        factored = tokens * r * (2 * n_in + 3 * n_out) if method == "vera" else 3 * tokens * r * (n_in + n_out)
-    else:
-        merged = n_in * r * n_out
-        factored = tokens * r * (n_in + n_out)
-    return {"merged": merged, "factored": factored,
+    """Multiply-adds (the registered method's `cost`) and extra activation/weight memory (in
+    numbers) of both paths for one layer."""
+    cost = registry.get(method).cost
+    if cost is None:
+        raise ValueError(f"method {method!r} has no cost model (its auto path always factors)")
+    ops = cost(tokens, n_in, n_out, r, train)
+    return {"merged": ops["merged"], "factored": ops["factored"],
             "merged_memory": (2 if train else 1) * n_in * n_out, "factored_memory": tokens * r}
 
 

@@ -1,10 +1,12 @@
 """The factored and auto paths: run any linen model on its base params and handle each adapted
 layer where it is called.
 
-Factored: add the low-rank term to the layer's output, without building W0 + delta:
+Factored: add the method's low-rank term (its registry `term`) to the layer's output, without
+building W0 + delta:
 
     y = x @ W0 + ((x @ A_l.T) * d) @ (b * B_l).T          (VeRA; b scales B_l's rows)
     y = x @ W0 + ((x @ A.T) @ B.T) * alpha / r            (LoRA)
+    y = s * (x @ W0 + term) + bias                        (a method with `rescale`, e.g. DVoRA)
 
 Auto: per layer, merged or factored by the cost model (`cost.py`) for the token count the layer
 sees; a merged layer runs an unbound copy of its own module on W0 + delta.
@@ -29,32 +31,35 @@ import jax.numpy as jnp
 
 from .. import quant
 from ..tree import get_path, path_str
-from .core import Adapted, layer_delta, layer_projections, merge
+from .core import Adapted, dense_kernel, merge, merged_kernel
 from .cost import choose_path
 from .hooks import LayerCall, layer_hooks
+from .methods import registry
 from .targets import LayerSpec
 
 
 def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
     """The adapter's additive output for input `x` of shape (..., in), shape (..., out)."""
-    dropout = adapted.config.dropout
+    dropout = getattr(adapted.config, "dropout", 0.0)
     if dropout and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, x.shape)
         x = jnp.where(keep, x / (1.0 - dropout), 0).astype(x.dtype)
+    method = registry.get(adapted.method)
+    if method.term is None:
+        raise ValueError(f"method {adapted.method!r} has no factored path (no term); use path='merged'")
+    return method.term(adapted, spec, get_path(adapted.adapter, spec.path), x)
+
+
+def _rescaled(adapted: Adapted, spec: LayerSpec, module, out: jax.Array, term: jax.Array) -> jax.Array:
+    """y = s * (x @ W0 + term) + bias for a method with a per-output `rescale` (DVoRA), s from
+    the merged W0 + delta, all in float32; `out` is the layer's own output (x @ W0 + bias)."""
+    method = registry.get(adapted.method)
+    own = module.variables["params"]
+    w0 = dense_kernel(own["kernel"]).reshape(spec.in_features, spec.out_features)
     vec = get_path(adapted.adapter, spec.path)
-    if adapted.method == "vera":
-        # b scales B's rows before the product, not the (tokens, out) product after it: autodiff
-        # of `(h @ B.T) * b` keeps that (tokens, out) product for b's gradient (out up to the MLP
-        # width per layer: more activation memory than LoRA's whole adapter); this way the
-        # backward keeps only (tokens, r) and pays one more tokens x r x out product
-        # (`cost.layer_costs`).
-        a, b = layer_projections(adapted, spec)
-        h = (x @ a.astype(x.dtype).T) * vec["lambda_d"].astype(x.dtype)
-        return h @ (b * vec["lambda_b"][:, None]).astype(x.dtype).T
-    if adapted.method == "lora":
-        h = x @ vec["lora_A"].astype(x.dtype).T
-        return (h @ vec["lora_B"].astype(x.dtype).T) * jnp.asarray(adapted.config.scaling, x.dtype)
-    raise ValueError(f"method {adapted.method!r} has no factored path")
+    scale = method.rescale(adapted, spec, vec, w0 + method.delta(adapted, spec, vec, jnp.float32))
+    bias = own["bias"].astype(jnp.float32).reshape(spec.out_features) if "bias" in own else 0.0
+    return scale * (out.astype(jnp.float32) - bias + term.astype(jnp.float32)) + bias
 
 
 def layer_path(adapted: Adapted, spec: LayerSpec, tokens: int, path: str, train: bool = True,
@@ -66,6 +71,8 @@ def layer_path(adapted: Adapted, spec: LayerSpec, tokens: int, path: str, train:
         return "factored"
     if path == "merged":
         return "merged"
+    if registry.get(adapted.method).cost is None:
+        return "factored"
     return choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train)
 
 
@@ -109,6 +116,7 @@ def call_adapted(
         with quant.maybe_dequantized(adapted.base):
             return fn(transform(merge(adapted, compute_dtype)), *args)
     quantized = quant.quantized_paths(adapted.base)
+    rescaled = registry.get(adapted.method).rescale is not None
     seen: set[tuple] = set()
 
     def hook(call: LayerCall):
@@ -116,11 +124,17 @@ def call_adapted(
         seen.add(spec.path)
         if layer_path(adapted, spec, call.tokens, path, train, quantized, dropout) == "merged":
             w0 = call.module.variables["params"]["kernel"]
-            delta = layer_delta(adapted, spec, compute_dtype if compute_dtype is not None else w0.dtype)
-            return call.run_with(kernel=(w0.astype(jnp.float32) + delta.reshape(w0.shape)).astype(w0.dtype))
+            narrow = compute_dtype if compute_dtype is not None else w0.dtype
+            flat = w0.reshape(spec.in_features, spec.out_features)
+            return call.run_with(kernel=merged_kernel(adapted, spec, flat, narrow).reshape(w0.shape).astype(w0.dtype))
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
-        x = call.x.astype(jnp.float32) if spec.path in quantized else call.x  # quantized: the term in float32
-        return call.add(layer_term(adapted, spec, x, rng))
+        x = call.x.astype(jnp.float32) if rescaled or spec.path in quantized else call.x  # the term in float32
+        term = layer_term(adapted, spec, x, rng)
+        if rescaled:
+            out = call.run()
+            flat = out.reshape(out.shape[: out.ndim - len(spec.kernel_shape) + spec.in_axes] + (spec.out_features,))
+            return _rescaled(adapted, spec, call.module, flat, term).reshape(out.shape).astype(out.dtype)
+        return call.add(term)
 
     # flax runs the interceptor entered first outermost: this one, then the dequantizing one
     with layer_hooks(adapted.layers, hook), quant.maybe_dequantized(adapted.base):

@@ -1,10 +1,12 @@
 """Adapter files: a directory with `adapter_config.json` and `adapter_model.safetensors`.
 
-The tensors file holds only trained leaves: `adapter/<module path>/lambda_d|lambda_b` (or
-`lora_A|lora_B`; a vector frozen by train_d/train_b=False is rebuilt, not stored),
+The tensors file holds only trained leaves: `adapter/<module path>/<leaf>`, the method's adapter
+leaves by their names (`lambda_d|lambda_b` for VeRA, `lora_A|lora_B` for LoRA, plus `magnitude`
+for DVoRA; a leaf the method labels frozen, e.g. d with train_d=False, is rebuilt, not stored),
 `head/<leaf path>` for `trainable_extra` leaves, `base/<leaf path>` for the rest of a fully
 fine-tuned model, and `projections/...` only when `save_projection=True`. The JSON holds the
-config, the adapted layers and their kernel shapes, the projections' fingerprint, the tensors
+method's name (its registry entry rebuilds the adapter on load), the config, the adapted layers
+and their kernel shapes, the projections' fingerprint (for a method that draws projections), the tensors
 file's SHA-256 and the JAX version that wrote it. Never pickle.
 
 Loading rebuilds A and B from the seed and refuses a fingerprint mismatch; any problem (missing
@@ -27,8 +29,8 @@ import numpy as np
 from ..tree import flat_names, flatten, get_path, path_str, set_path
 from . import core
 from . import directory as adapter_dir
-from .config import CONFIG_CLASSES
 from .core import Adapted
+from .methods import registry
 from .projections import PRNG_IMPL, fingerprint
 from .split import HEAD, optax_labels, partition
 
@@ -87,14 +89,14 @@ def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
         "dtypes": dtypes,
         "jax_version": jax.__version__,
     }
-    if adapted.method == "vera":
+    if adapted.projections:
         record["projections"] = {
             "prng_impl": PRNG_IMPL,
             "threefry_partitionable": True,
             "shapes": {k: list(v.shape) for k, v in flat_names(adapted.projections).items()},
             "fingerprint": fingerprint(adapted.projections),
         }
-        if adapted.config.save_projection:
+        if _saves_projection(adapted.config):
             for k, v in flat_names(adapted.projections).items():
                 tensors[f"projections/{k}"], dtypes[f"projections/{k}"] = _to_numpy(v)
     return adapter_dir.write(Path(path), tensors,
@@ -110,20 +112,15 @@ def _read_record(directory: Path) -> dict:
     if record.get("format_version") != FORMAT_VERSION:
         raise AdapterFileError(
             f"{config_path}: format_version {record.get('format_version')!r}, this library reads {FORMAT_VERSION}")
-    if record.get("method") not in CONFIG_CLASSES:
-        raise AdapterFileError(
-            f"{config_path}: unknown method {record.get('method')!r}; known: {sorted(CONFIG_CLASSES)}")
+    if record.get("method") not in registry.names():
+        raise AdapterFileError(f"{config_path}: unknown method {record.get('method')!r}; known: {registry.names()} "
+                               "(register a method with vera_jax.register_method before loading its adapters)")
     return record
 
 
-def _build(params, method: str, config) -> Adapted:
-    if method == "vera":
-        return core.apply_vera(params, config)
-    if method == "lora":
-        return core.apply_lora(params, config)
-    if method == "head":
-        return core.apply_head(params, config.trainable_extra)
-    return core.apply_full(params, config.trainable_extra)
+def _saves_projection(config) -> bool:
+    """Whether A/B are stored (`save_projection`, for configs that have the field)."""
+    return bool(getattr(config, "save_projection", False))
 
 
 def load_adapter(path: str | os.PathLike, params) -> Adapted:
@@ -132,8 +129,8 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
     record = _read_record(directory)
     method = record["method"]
     try:
-        config = CONFIG_CLASSES[method].from_dict(record["config"])
-        fresh = _build(params, method, config)
+        config = registry.get(method).config_class.from_dict(record["config"])
+        fresh = core.attach(params, config)
     except (ValueError, TypeError, KeyError) as e:
         raise AdapterFileError(f"adapter at {directory} does not fit these params: {e}") from None
 
@@ -154,8 +151,8 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
                                        expected_sha256=record.get("tensors_sha256", ""))
     projections = fresh.projections
     stored_projections = set()
-    if method == "vera":
-        if config.save_projection:
+    if fresh.projections:
+        if _saves_projection(config):
             stored_projections = {f"projections/{k}" for k in flat_names(fresh.projections)}
             missing = sorted(stored_projections - set(tensors))
             if missing:
@@ -165,7 +162,7 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
                 lambda p, _: jnp.asarray(tensors["projections/" + path_str(tuple(k.key for k in p))]),
                 fresh.projections)
         if fingerprint(projections) != record["projections"]["fingerprint"]:
-            source = "stored A/B" if config.save_projection else (
+            source = "stored A/B" if _saves_projection(config) else (
                 f"A/B rebuilt from seed {config.seed} with jax {jax.__version__} (file written with jax "
                 f"{record.get('jax_version')}; a JAX upgrade may change random streams: "
                 "save with save_projection=True)")

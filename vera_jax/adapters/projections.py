@@ -22,6 +22,11 @@ Unshared projections (`share_projections=False`) draw layer l's A_l (r, in), B_l
 `fold_in(key, crc32(layer path))`, so a layer's matrices do not depend on which others are
 adapted.
 
+Per-shape projections (`projections="per_shape"`) draw one pair A (r, in), B (out, r) per
+distinct (in, out) shape from `fold_in(key, crc32("shape/<in>x<out>"))`, stored under the key
+"<in>x<out>"; a shape's pair does not depend on which other shapes are adapted, and layers of one
+shape share it (as VeRA shares its one pair), unsliced.
+
 A change in JAX's threefry stream would change A and B; `fingerprint` (SHA-256 over names,
 shapes, dtypes and bytes) is stored in every adapter file and checked on load.
 """
@@ -37,7 +42,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ..tree import flat_names, set_path
+from ..tree import flat_names, get_path, set_path
 
 PRNG_IMPL = "threefry2x32"
 
@@ -73,6 +78,47 @@ def make_layer_projections(seed: int, r: int, layers: Sequence, init: str = "kai
             layer_key = jax.random.fold_in(key, zlib.crc32(spec.name.encode()))
             set_path(out, spec.path, _pair(layer_key, r, spec.in_features, spec.out_features, init))
     return out
+
+
+def shape_key(spec) -> str:
+    """The per-shape projections' key of a layer: "<in>x<out>"."""
+    return f"{spec.in_features}x{spec.out_features}"
+
+
+def make_shape_projections(seed: int, r: int, layers: Sequence, init: str = "kaiming_uniform") -> dict:
+    """Per-shape projections: {"<in>x<out>": {"A": (r, in), "B": (out, r)}} for each distinct shape."""
+    out: dict = {}
+    with jax.threefry_partitionable(True):
+        key = jax.random.key(seed, impl=PRNG_IMPL)
+        for spec in layers:
+            name = shape_key(spec)
+            if name not in out:
+                shape_key_ = jax.random.fold_in(key, zlib.crc32(f"shape/{name}".encode()))
+                out[name] = _pair(shape_key_, r, spec.in_features, spec.out_features, init)
+    return out
+
+
+def build(config, layers: Sequence) -> dict:
+    """The projections a VeRA-family config asks for on `layers`: shared, per layer or per shape."""
+    if not config.share_projections:
+        return make_layer_projections(config.seed, config.r, layers, config.projection_init)
+    if config.projections == "per_shape":
+        return make_shape_projections(config.seed, config.r, layers, config.projection_init)
+    in_max = max(s.in_features for s in layers)
+    out_max = max(s.out_features for s in layers)
+    return make_projections(config.seed, config.r, in_max, out_max, config.projection_init)
+
+
+def layer_pair(projections: Mapping, config, spec) -> tuple[jax.Array, jax.Array]:
+    """(A_l (r, in), B_l (out, r)) of one layer: slices of the shared pair, the layer's own pair,
+    or its shape's pair."""
+    if not config.share_projections:
+        own = get_path(projections, spec.path)
+    elif config.projections == "per_shape":
+        own = projections[shape_key(spec)]
+    else:
+        return projections["A"][:, : spec.in_features], projections["B"][: spec.out_features, :]
+    return own["A"], own["B"]
 
 
 def fingerprint(projections: Mapping) -> str:

@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 
 from .core import Adapted
+from .methods import registry
 
 ADAPTER, HEAD, FULL = "adapter", "head", "full"
 
@@ -28,7 +29,7 @@ def _label_base(adapted: Adapted):
     """Label per base leaf: HEAD for trainable_extra leaves, FULL for the rest under full
     fine-tuning, else None (frozen)."""
     extra = set(adapted.extra)
-    default = FULL if adapted.method == "full" else None
+    default = FULL if registry.get(adapted.method).trains_base else None
 
     def label(path, _):
         keys = tuple(k.key for k in path if not isinstance(k, jax.tree_util.GetAttrKey))
@@ -41,17 +42,14 @@ def _label_base(adapted: Adapted):
     return jax.tree_util.tree_map_with_path(label, adapted.base)
 
 
-def _adapter_label(adapted: Adapted, leaf: str):
-    frozen = (leaf == "lambda_d" and not adapted.config.train_d) or (leaf == "lambda_b" and not adapted.config.train_b)
-    return None if frozen else ADAPTER
-
-
 def optax_labels(adapted: Adapted) -> Adapted:
-    """Labels with the structure of `partition(adapted)[0]`: "adapter" for adapter leaves, "head"
-    for `trainable_extra` leaves, "full" for the base under full fine-tuning, None elsewhere."""
+    """Labels with the structure of `partition(adapted)[0]`: the method's `label` for adapter leaves
+    ("adapter", or None for a frozen one such as d with train_d=False), "head" for
+    `trainable_extra` leaves, "full" for the base under a method that `trains_base`, None elsewhere."""
+    label = registry.get(adapted.method).label
     return adapted.replace(
         base=_label_base(adapted),
-        adapter=jax.tree_util.tree_map_with_path(lambda path, _: _adapter_label(adapted, path[-1].key),
+        adapter=jax.tree_util.tree_map_with_path(lambda path, _: label(adapted.config, path[-1].key),
                                                  adapted.adapter),
         projections=jax.tree.map(lambda _: None, adapted.projections),
     )

@@ -71,16 +71,19 @@ def abbreviate(paths: Iterable[str], limit: int = 12) -> str:
 
 
 def find_targets(params: Mapping, config) -> tuple[LayerSpec, ...]:
-    """The linear modules `config.targets` selects, as LayerSpecs; ValueError if none."""
+    """The linear modules `config.targets` selects, as LayerSpecs; ValueError if none. A config
+    without `layers_to_transform` / `layers_pattern` / `kernel_in_axes` (a registered method's
+    own) adapts every layer, with one input axis per kernel."""
     modules = linear_modules(params)
-    in_axes_rules = config.kernel_in_axes
+    in_axes_rules = getattr(config, "kernel_in_axes", ())
+    layers_to_transform = getattr(config, "layers_to_transform", None)
     specs = []
     for path, shape in modules.items():
         name = path_str(path)
         if not any(matches(t, name) for t in config.targets):
             continue
-        if config.layers_to_transform is not None:
-            if layer_index(path, config.layers_pattern) not in config.layers_to_transform:
+        if layers_to_transform is not None:
+            if layer_index(path, config.layers_pattern) not in layers_to_transform:
                 continue
         in_axes = next((n for pattern, n in in_axes_rules if matches(pattern, name)), 1)
         if in_axes >= len(shape):
@@ -90,7 +93,7 @@ def find_targets(params: Mapping, config) -> tuple[LayerSpec, ...]:
             )
         specs.append(LayerSpec(path, shape, in_axes))
     if not specs:
-        where = "" if config.layers_to_transform is None else f" in layers {list(config.layers_to_transform)}"
+        where = "" if layers_to_transform is None else f" in layers {list(layers_to_transform)}"
         raise ValueError(
             f"{type(config).__name__}.targets: {list(config.targets)} matched no linear module{where}. "
             f"Linear modules in these params: {abbreviate(path_str(p) for p in modules) or 'none'}"

@@ -32,7 +32,6 @@ names map where, which features are refused and why); split apart, each rule wou
 
 from __future__ import annotations
 
-import math
 import os
 import re
 from pathlib import Path
@@ -45,10 +44,10 @@ import numpy as np
 from vera_jax.adapters import core
 from vera_jax.adapters import directory as adapter_dir
 from vera_jax.adapters import targets as targets_lib
-from vera_jax.adapters.config import LoraConfig, VeraConfig
 from vera_jax.adapters.core import Adapted
 from vera_jax.adapters.directory import CONFIG_FILE, TENSORS_FILE
 from vera_jax.adapters.files import AdapterFileError
+from vera_jax.adapters.methods import registry
 from vera_jax.interop.layout import (
     COPY,
     FUSED,
@@ -64,11 +63,15 @@ from vera_jax.tree import flatten
 
 PREFIX = "base_model.model."
 VERA_A, VERA_B = "base_model.vera_A", "base_model.vera_B"
-SUFFIXES = {"VERA": ("vera_lambda_d", "vera_lambda_b"), "LORA": ("lora_A.weight", "lora_B.weight")}
-DEFAULT_R = {"VERA": 256, "LORA": 8}  # PEFT's defaults, for a config that omits r
-# LoRA initialisations that leave the base weights alone (PiSSA, OLoRA, CorDA, LoftQ and LoRA-GA
-# rewrite them, so their adapters only fit a modified base model).
-LORA_INITS = (True, False, "gaussian", "eva", "orthogonal", "mica")
+
+
+def _mapping(config: dict) -> registry.PeftMapping:
+    """The registered method's PEFT mapping for this adapter's (checked) peft_type."""
+    return registry.by_peft_type(config["peft_type"]).peft
+
+
+def _suffixes(config: dict) -> tuple[str, ...]:
+    return tuple(_mapping(config).tensors.values())
 
 
 class PeftFormatError(AdapterFileError):
@@ -81,9 +84,10 @@ class PeftFormatError(AdapterFileError):
 def _read_config(directory: Path) -> dict:
     config = adapter_dir.read_config(directory, PeftFormatError, "PEFT adapter")
     peft_type = config.get("peft_type")
-    if peft_type not in SUFFIXES:
+    if registry.by_peft_type(peft_type) is None:
+        supported = sorted(m.peft.peft_type for m in map(registry.get, registry.names()) if m.peft is not None)
         raise PeftFormatError(f"{directory / CONFIG_FILE}: peft_type {peft_type!r} is not supported; "
-                              f"supported: {sorted(SUFFIXES)}")
+                              f"supported: {supported}")
     return config
 
 
@@ -96,22 +100,14 @@ def _refuse(where: str, config: dict, field: str, allowed: tuple, why: str) -> N
 
 
 def _check_features(where: str, config: dict) -> None:
-    """Refuses PEFT options whose adapters are not plain VeRA / LoRA on linear layers."""
+    """Refuses PEFT options whose adapters are not plain VeRA / LoRA on linear layers (the
+    method's own refusals come from its registry `PeftMapping`)."""
     _refuse(where, config, "bias", ("none",), "it trains the base layers' biases, which vera_jax adapters do not")
     _refuse(where, config, "target_parameters", (), "adapters on raw parameters are not supported")
     _refuse(where, config, "trainable_token_indices", (), "trainable token embeddings are not supported")
     _refuse(where, config, "layer_replication", (), "it duplicates layers of the base model")
-    if config["peft_type"] == "LORA":
-        _refuse(where, config, "use_dora", (False,), "DoRA's magnitude vector has no vera_jax counterpart")
-        _refuse(where, config, "lora_bias", (False,), "it trains a bias on lora_B")
-        _refuse(where, config, "rank_pattern", (), "vera_jax's LoraConfig has one r for every layer")
-        _refuse(where, config, "alpha_pattern", (), "vera_jax's LoraConfig has one alpha for every layer")
-        _refuse(where, config, "init_lora_weights", LORA_INITS,
-                "this initialisation rewrites the base weights, so the adapter only fits that modified model; "
-                "convert it to a plain LoRA first (PEFT: save_pretrained(..., "
-                "path_initial_model_for_weight_conversion=...))")
-        for field in ("use_qalora", "use_bdlora", "alora_invocation_tokens", "arrow_config", "megatron_config"):
-            _refuse(where, config, field, (False,), "not a plain LoRA adapter")
+    for field, allowed, why in _mapping(config).refusals:
+        _refuse(where, config, field, allowed, why)
 
 
 def _peft_matches(config: dict, key: str) -> bool:
@@ -158,12 +154,12 @@ def _owners(name: str) -> list[str]:
 def _split(where: str, config: dict, tensors: dict):
     """(adapter tensors per HF module, head tensors by HF name, VeRA projections); refuses
     tensors that are none of these."""
-    suffixes = SUFFIXES[config["peft_type"]]
+    suffixes = _suffixes(config)
     modules: dict[str, dict[str, np.ndarray]] = {}
     head, projections, unexpected = {}, {}, []
     to_save = config.get("modules_to_save") or []
     for key, value in tensors.items():
-        if key in (VERA_A, VERA_B) and config["peft_type"] == "VERA":
+        if key in (VERA_A, VERA_B) and _mapping(config).shared_projections:
             projections[key] = value
             continue
         if not key.startswith(PREFIX):
@@ -205,7 +201,7 @@ def _pick_layout(modules, head, layouts: list[HFLayout]) -> HFLayout:
 def _check_complete(where: str, config: dict, modules, head, projections, layout: HFLayout) -> None:
     """Every tensor PEFT would load is present: both vectors / matrices of each adapted module,
     each module target_modules selects, each parameter of modules_to_save, VeRA's A and B."""
-    suffixes = SUFFIXES[config["peft_type"]]
+    suffixes = _suffixes(config)
     missing = [f"{PREFIX}{m}.{s}" for m, found in modules.items() for s in suffixes if s not in found]
     if missing:
         raise PeftFormatError(f"{where}: missing tensors {sorted(missing)}")
@@ -220,7 +216,7 @@ def _check_complete(where: str, config: dict, modules, head, projections, layout
     to_save = config.get("modules_to_save") or []
     saved = {t for t in layout.tensors if any(o.endswith(m) for o in _owners(t) for m in to_save)}
     missing += [PREFIX + t for t in sorted(saved - set(head))]
-    if config["peft_type"] == "VERA" and config.get("save_projection", True):
+    if _mapping(config).shared_projections and config.get("save_projection", True):
         missing += [k for k in (VERA_A, VERA_B) if k not in projections]
     if missing:
         raise PeftFormatError(f"{where}: missing tensors {sorted(missing)}")
@@ -371,40 +367,28 @@ def load_peft_adapter(path: str | os.PathLike, params, hf_config, *, projections
     specs = {p: targets_lib.LayerSpec(p, kernels[p], 1) for p in paths.values()}
     head_values = _head_leaves(where, head, params, layout)
     extra = _find_extra(params, set(head_values))
-    r = config.get("r", DEFAULT_R[config["peft_type"]])
+    mapping = _mapping(config)
+    r = config.get("r", mapping.default_r)
     if isinstance(r, bool) or not isinstance(r, int) or r < 1:
         raise PeftFormatError(f"{where}: {CONFIG_FILE} field r={r!r} is not a positive integer")
+    if projections is not None and not mapping.shared_projections:
+        raise ValueError(f"{where}: projections are only used by VeRA adapters")
 
     adapter: dict = {}
-    if config["peft_type"] == "VERA":
-        for name, module in paths.items():
-            d, b = modules[name]["vera_lambda_d"], modules[name]["vera_lambda_b"]
-            _check_shape(where, f"{PREFIX}{name}.vera_lambda_d", d, (r,))
-            _check_shape(where, f"{PREFIX}{name}.vera_lambda_b", b, (specs[module].out_features,))
-            core.set_path(adapter, module, {"lambda_d": jnp.asarray(d, jnp.float32),
-                                          "lambda_b": jnp.asarray(b, jnp.float32)})
-        fields = dict(r=r, d_initial=config.get("d_initial", 0.1), seed=config.get("projection_prng_key", 0),
-                      dropout=config.get("vera_dropout", 0.0), trainable_extra=extra, save_projection=True)
-        ours = _find_config(where, VeraConfig, params, set(paths.values()), fields)
+    for name, module in paths.items():
+        shapes, leaves = mapping.shapes(r, specs[module]), {}
+        for leaf, suffix in mapping.tensors.items():
+            value = modules[name][suffix]
+            _check_shape(where, f"{PREFIX}{name}.{suffix}", value, shapes[leaf])
+            leaves[leaf] = jnp.asarray(value, jnp.float32)
+        core.set_path(adapter, module, leaves)
+    method = registry.by_peft_type(config["peft_type"])
+    ours = _find_config(where, method.config_class, params, set(paths.values()), mapping.from_peft(config, r, extra))
+    fresh = core.attach(params, ours)
+    if mapping.shared_projections:
         in_max = max(s.in_features for s in specs.values())
         out_max = max(s.out_features for s in specs.values())
-        proj = _projections(where, config, stored, projections, r, in_max, out_max)
-        fresh = core.apply_vera(params, ours).replace(projections=proj)
-    else:
-        if projections is not None:
-            raise ValueError(f"{where}: projections are only used by VeRA adapters")
-        for name, module in paths.items():
-            a, b = modules[name]["lora_A.weight"], modules[name]["lora_B.weight"]
-            _check_shape(where, f"{PREFIX}{name}.lora_A.weight", a, (r, specs[module].in_features))
-            _check_shape(where, f"{PREFIX}{name}.lora_B.weight", b, (specs[module].out_features, r))
-            core.set_path(adapter, module, {"lora_A": jnp.asarray(a, jnp.float32),
-                                            "lora_B": jnp.asarray(b, jnp.float32)})
-        alpha = config.get("lora_alpha", 8)
-        if config.get("use_rslora", False):
-            alpha = alpha * math.sqrt(r)  # PEFT's rsLoRA scaling alpha / sqrt(r) as our alpha' / r
-        fields = dict(r=r, alpha=alpha, dropout=config.get("lora_dropout", 0.0), trainable_extra=extra)
-        ours = _find_config(where, LoraConfig, params, set(paths.values()), fields)
-        fresh = core.apply_lora(params, ours)
+        fresh = fresh.replace(projections=_projections(where, config, stored, projections, r, in_max, out_max))
     base = jax.tree.map(lambda x: x, fresh.base)
     for leaf_path, value in head_values.items():
         core.set_path(base, leaf_path, jnp.asarray(value))
@@ -412,6 +396,10 @@ def load_peft_adapter(path: str | os.PathLike, params, hf_config, *, projections
 
 
 # ----------------------------------------------------------------------------------------- writing
+
+
+def _peft_methods() -> list[str]:
+    return [n for n in registry.names() if registry.get(n).peft is not None]
 
 
 def _module_name(adapted: Adapted, spec, layout: HFLayout) -> tuple[str, bool]:
@@ -478,13 +466,15 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
     """
     if not isinstance(adapted, Adapted):
         raise TypeError(f"save_peft_adapter: expected an Adapted tree, got {type(adapted).__name__}")
-    if adapted.method not in ("vera", "lora"):
-        raise ValueError(f"save_peft_adapter: method {adapted.method!r} is not a PEFT adapter (VeRA or LoRA); "
-                         "export a merged checkpoint with export_merged instead")
+    mapping = registry.get(adapted.method).peft
+    if mapping is None:
+        raise ValueError(f"save_peft_adapter: method {adapted.method!r} has no PEFT equivalent (PEFT adapters: "
+                         f"{_peft_methods()}); save it with save_adapter, or export a merged checkpoint with "
+                         "export_merged")
     c = adapted.config
-    if adapted.method == "vera" and not c.share_projections:
-        raise ValueError("save_peft_adapter: VeraConfig.share_projections=False gives each layer its own A/B; "
-                         "PEFT's VeRA shares one pair")
+    why = mapping.refuse(c)
+    if why is not None:
+        raise ValueError(f"save_peft_adapter: {why}")
     hf_config = read_hf_config(hf_config)
     layout = hf_layout(adapted.base, hf_config, names="modules")
     names = {spec.path: _module_name(adapted, spec, layout) for spec in adapted.layers}
@@ -504,21 +494,12 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
         "revision": None,
     }
     for spec in adapted.layers:
-        vec = {k: np.asarray(jax.device_get(v), np.float32)
-               for k, v in core.get_path(adapted.adapter, spec.path).items()}
+        vec = core.get_path(adapted.adapter, spec.path)
         name = PREFIX + names[spec.path][0]
-        if adapted.method == "vera":
-            tensors[f"{name}.vera_lambda_d"], tensors[f"{name}.vera_lambda_b"] = vec["lambda_d"], vec["lambda_b"]
-        else:
-            tensors[f"{name}.lora_A.weight"], tensors[f"{name}.lora_B.weight"] = vec["lora_A"], vec["lora_B"]
-    if adapted.method == "vera":
+        for leaf, suffix in mapping.tensors.items():
+            tensors[f"{name}.{suffix}"] = np.asarray(jax.device_get(vec[leaf]), np.float32)
+    if mapping.shared_projections:
         tensors[VERA_A] = np.asarray(jax.device_get(adapted.projections["A"]), np.float32)
         tensors[VERA_B] = np.asarray(jax.device_get(adapted.projections["B"]), np.float32)
-        config = {"peft_type": "VERA", "r": c.r, "projection_prng_key": c.seed, "save_projection": True,
-                  "vera_dropout": c.dropout, "d_initial": c.d_initial, "init_weights": True, **common}
-    else:
-        alpha = int(c.alpha) if float(c.alpha).is_integer() else c.alpha
-        config = {"peft_type": "LORA", "r": c.r, "lora_alpha": alpha, "lora_dropout": c.dropout,
-                  "use_rslora": False, "use_dora": False, "init_lora_weights": True, "rank_pattern": {},
-                  "alpha_pattern": {}, **common}
+    config = {"peft_type": mapping.peft_type, **mapping.to_peft(c), **common}
     return adapter_dir.write(Path(path), tensors, lambda _: config, metadata={"format": "pt"}, sort_keys=True)

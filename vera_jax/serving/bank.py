@@ -9,10 +9,13 @@ gathers a zero term; the batched forward (`batched.BankDecoder`) then costs the 
 matmuls per layer for every row, whatever the mix of adapters. Layers of a group are the union
 of its adapters' layers; an adapter has zero vectors on the layers it does not adapt.
 
-Supported: VeRA adapters with shared projections (the default); each distinct fingerprint is its
-own group. Refused, with the reason: LoRA, head-only and full fine-tuning adapters (per-adapter
-matrices, not two vectors), adapters that train base leaves (`trainable_extra`: a per-adapter
-head would need a per-row base), unshared projections (`share_projections=False`), and anything
+Supported: methods whose registry record has a `bank` hook (VeRA) with shared projections (the
+default); each distinct fingerprint is its own group. Refused, with the reason naming the method
+or field: LoRA, DVoRA, head-only, full fine-tuning and registered methods without `bank`
+(per-adapter matrices or scales, not two vectors), adapters that train base leaves
+(`trainable_extra`: a per-adapter head would need a per-row base), unshared or per-shape
+projections (`share_projections=False`, `projections="per_shape"`: the batched forward slices one
+shared pair per group), and anything
 `load_adapter` / `load_peft_adapter` refuses (other layers or shapes than the base, a projection
 fingerprint that differs from the file's).
 
@@ -36,6 +39,7 @@ import numpy as np
 from vera_jax.adapters import directory as adapter_dir
 from vera_jax.adapters.core import Adapted
 from vera_jax.adapters.files import load_adapter
+from vera_jax.adapters.methods import registry
 from vera_jax.adapters.projections import fingerprint
 from vera_jax.adapters.targets import LayerSpec
 from vera_jax.tree import get_path
@@ -96,17 +100,20 @@ def _read_format(directory: Path) -> str:
 
 
 def check_servable(adapted: Adapted, where: str) -> None:
-    """Raises AdapterRefused unless `adapted` is a VeRA adapter the batched forward can serve."""
-    if adapted.method != "vera":
-        raise AdapterRefused(f"{where}: method {adapted.method!r} is refused; the bank serves VeRA adapters "
+    """Raises AdapterRefused unless the batched forward can serve `adapted`: its method has a
+    registry `bank` hook (two vectors per layer on shared projections: VeRA)."""
+    method = registry.get(adapted.method)
+    if method.bank is None:
+        servable = [n for n in registry.names() if registry.get(n).bank is not None]
+        raise AdapterRefused(f"{where}: method {adapted.method!r} is refused; the bank serves {servable} adapters "
                              "(two vectors per layer on shared projections)")
     if adapted.extra:
         extra = list(adapted.config.trainable_extra)
         raise AdapterRefused(f"{where}: it trains base leaves (trainable_extra {extra}); a per-adapter head "
                              "cannot share the one base")
-    if not adapted.config.share_projections:
-        raise AdapterRefused(f"{where}: share_projections=False gives each layer its own A/B; the bank batches "
-                             "adapters on one shared pair")
+    why = method.bank_refuse(adapted)
+    if why is not None:
+        raise AdapterRefused(f"{where}: {why}")
 
 
 class AdapterBank:
@@ -175,8 +182,9 @@ class AdapterBank:
             check_servable(adapted, f"adapter {name!r}")
             pair = (id(adapted.projections["A"]), id(adapted.projections["B"]))
             key = memo[pair] if pair in memo else memo.setdefault(pair, fingerprint(adapted.projections))
-            vectors = {s.name: (np.asarray(get_path(adapted.adapter, s.path)["lambda_d"], np.float32),
-                                np.asarray(get_path(adapted.adapter, s.path)["lambda_b"], np.float32))
+            bank = registry.get(adapted.method).bank
+            vectors = {s.name: tuple(np.asarray(v, np.float32)
+                                     for v in bank(adapted, s, get_path(adapted.adapter, s.path)))
                        for s in adapted.layers}
             info = AdapterInfo(name, (sources or {}).get(name, ""), (formats or {}).get(name, "vera_jax"), key,
                                adapted.config.r, tuple(s.name for s in adapted.layers),

@@ -25,8 +25,9 @@ def model_config() -> ml_collections.ConfigDict:
 
 
 def method_config(cls, **values) -> ml_collections.ConfigDict:
-    """Every field of VeraConfig / LoraConfig but those the runner sets, with the class defaults
-    updated by `values`, so any of them can be set from the command line or swept."""
+    """Every field of a method's config class (VeraConfig, LoraConfig, DVoraConfig, ...) but those
+    the runner sets, with the class defaults updated by `values`, so any of them can be set from the
+    command line or swept."""
     out = ml_collections.ConfigDict()
     for name in cls.field_names():
         if name in SET_BY_RUNNER:

@@ -28,14 +28,13 @@ import ml_collections
 
 import vera_jax
 from vera_jax import train as train_lib
+from vera_jax.adapters.methods import registry
 from vera_jax.data.common import DataUnavailableError
 from vera_jax.models import loader
 from vera_jax.models.loader import CheckpointUnavailableError, ConfigError
 from vera_jax.models.loader import LoadedModel as Model
 from vera_jax.tasks.config import SET_BY_RUNNER, method_config, model_config  # noqa: F401 - a config's API
 
-METHODS = ("vera", "lora", "full", "head")
-METHOD_CONFIGS = {"vera": vera_jax.VeraConfig, "lora": vera_jax.LoraConfig}
 
 @dataclasses.dataclass
 class Parts:
@@ -79,33 +78,62 @@ class Family:
     run_name: Callable = lambda config: f"{config.method}-s{config.seed}"
 
 
+def runnable_methods(config) -> list[str]:
+    """The registered methods `config` can run: one that adapts layers needs its section
+    `config.<method>` and rate `config.lr.<method>`; one that trains only the head needs `model.head`."""
+
+    def runnable(name):
+        method = registry.get(name)
+        if method.adapts_layers:
+            return name in config and name in config.lr
+        return method.trains_base or bool(config.model.head)
+
+    return [name for name in registry.names() if runnable(name)]
+
+
+def _method(config) -> vera_jax.Method:
+    """The registered method `config.method` names; ConfigError listing those this config can run."""
+    allowed = runnable_methods(config)
+    if config.method not in allowed:
+        raise ConfigError(f"method: expected one of {allowed}, got {config.method!r}")
+    return vera_jax.get_method(config.method)
+
+
 def attach(params, config) -> vera_jax.Adapted:
-    """The method's adapter on `params` (config.method, config.vera / config.lora, config.seed);
-    the modules of config.model.head always train."""
-    head = tuple(config.model.head)
-    if config.method in METHOD_CONFIGS:
-        cls = METHOD_CONFIGS[config.method]
-        fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in config[config.method].items()}
-        try:
-            method_cfg = cls(**fields, seed=config.seed, trainable_extra=head)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"{config.method}: {e}") from e
-        apply = vera_jax.apply_vera if config.method == "vera" else vera_jax.apply_lora
-        return apply(params, method_cfg)
-    if config.method == "full":
-        return vera_jax.apply_full(params, head)
-    return vera_jax.apply_head(params, head)
+    """The method's adapter on `params`: its config class (from the registry) built from every
+    field of `config.<method>` (e.g. config.vera; none for head/full), config.seed when the class
+    has a seed; the modules of config.model.head always train."""
+    method = _method(config)
+    cls = method.config_class
+    section = {}
+    if method.adapts_layers:
+        if config.method not in config:
+            raise ConfigError(f"{config.method}: this config has no section config.{config.method} (the "
+                              f"{cls.__name__} fields; e.g. runner.method_config({cls.__name__}, r=...))")
+        section = config[config.method]
+    fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()}
+    fields["trainable_extra"] = tuple(config.model.head)
+    if "seed" in cls.field_names():
+        fields["seed"] = config.seed
+    try:
+        method_cfg = cls(**fields)
+    except (TypeError, ValueError) as e:
+        raise ConfigError(f"{config.method}: {e}") from e
+    return vera_jax.attach(params, method_cfg)
 
 
 def learning_rates(config) -> dict:
     """Peak lr per optimizer group from `config.lr` (the one place rates are set): the method's
-    adapter rate (lr.vera or lr.lora), lr.head, lr.full. An entry may be a {method: rate} dict
+    adapter rate (lr.<method>: lr.vera, lr.lora, lr.dvora) when it adapts layers, lr.head, lr.full.
+    An entry may be a {method: rate} dict
     (e.g. lr.head when the paper tunes the head's rate per method): config.method picks from it."""
     if len(config.optimizer.learning_rates):
         raise ConfigError("optimizer.learning_rates: set by the runner from config.lr; set lr.vera, lr.lora, "
                           f"lr.head or lr.full instead (got {sorted(config.optimizer.learning_rates)})")
 
     def rate(name):
+        if name not in config.lr:
+            raise ConfigError(f"lr.{name}: missing; config.lr has {sorted(config.lr.keys())}")
         value = config.lr[name]
         if not hasattr(value, "keys"):
             return value
@@ -114,7 +142,7 @@ def learning_rates(config) -> dict:
         return value[config.method]
 
     rates = {"head": rate("head"), "full": rate("full")}
-    if config.method in METHOD_CONFIGS:
+    if _method(config).adapts_layers:
         rates["adapter"] = rate(config.method)
     return rates
 
@@ -137,15 +165,14 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
 
 
 def _validate(config) -> None:
-    if config.method not in METHODS:
-        raise ConfigError(f"method: expected one of {METHODS}, got {config.method!r}")
+    method = _method(config)
     quantize = config.model.get("quantize", "")
     if quantize and config.adapter_path == "merged":
         raise ConfigError(f"adapter_path: 'merged' would merge into the kernels model.quantize={quantize!r} keeps "
                           "quantized (never done); use 'factored' or 'auto'")
-    if quantize and config.method == "full":
-        raise ConfigError(f"method: 'full' would train the kernels model.quantize={quantize!r} keeps frozen; "
-                          "use vera, lora or head")
+    if quantize and method.trains_base:
+        raise ConfigError(f"method: {config.method!r} would train the kernels model.quantize={quantize!r} keeps "
+                          f"frozen; use one of {[n for n in registry.names() if not registry.get(n).trains_base]}")
 
 
 def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
