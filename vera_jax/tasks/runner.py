@@ -166,6 +166,7 @@ def load_model(config, path: Optional[str] = None, *, num_labels: Optional[int] 
 
 def _validate(config) -> None:
     method = _method(config)
+    model_spec(config)  # config.model's own fields (model.quantize, model.dtype, ...), checked by the loader
     quantize = config.model.get("quantize", "")
     if quantize and config.adapter_path == "merged":
         raise ConfigError(f"adapter_path: 'merged' would merge into the kernels model.quantize={quantize!r} keeps "
@@ -178,9 +179,9 @@ def _validate(config) -> None:
 def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
     """(trainer Task, facts for the summary, resolved config with the learning-rate groups and the
     best metric filled in): everything `run` does before training, for inspection in a notebook."""
-    spec = model_spec(config, advice=family.advice)  # the model fields, checked before anything loads
     _validate(config)
     config = config.copy_and_resolve_references()
+    spec = model_spec(config, advice=family.advice)
     path = loader.resolve(spec)
     data = family.load_data(config)
     spec = dataclasses.replace(spec, **family.model_options(config, data))
