@@ -9,6 +9,7 @@
     tx = optax.multi_transform({"adapter": ..., "head": ...}, vera_jax.optax_labels(adapted))
     vera_jax.save_adapter("out/adapter", adapted)
     adapted = vera_jax.load_adapter("out/adapter", params)
+    vera_jax.save_peft_adapter("out/peft", adapted, hf_config, as_lora=True)   # the exact LoRA, for LoRA servers
     adapted = vera_jax.apply_vera(nnx_model, config); y = vera_jax.nnx_merge(nnx_model, adapted)(x)  # flax.nnx
 """
 
@@ -42,7 +43,7 @@ from .adapters import (
     partition,
     save_adapter,
 )
-from .interop import PeftFormatError, export_merged, load_peft_adapter, save_peft_adapter
+from .interop import PeftFormatError, export_merged, load_peft_adapter, save_peft_adapter, to_lora, to_vera
 
 __version__ = "0.1.0"
 
@@ -52,5 +53,5 @@ __all__ = [
     "choose_path", "combine",
     "count_trainable", "find_targets", "fingerprint", "layer_costs", "layer_delta", "load_adapter",
     "make_projections", "merge", "nnx_merge", "optax_labels", "partition", "save_adapter",
-    "PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter",
+    "PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter", "to_lora", "to_vera",
 ]
