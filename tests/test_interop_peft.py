@@ -479,7 +479,7 @@ def test_unsupported_lora_features_are_refused(tmp_path, base, field, value, mat
 def test_unshared_projections_and_head_methods_cannot_be_exported(tmp_path, base):
     path, _, params = base("roberta")
     unshared = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=8, share_projections=False))
-    with pytest.raises(ValueError, match="share_projections=False"):
+    with pytest.raises(ValueError, match="share_projections=False.*as_lora=True writes it as the LoRA"):
         save_peft_adapter(tmp_path, unshared, path)
     with pytest.raises(ValueError, match="method 'head' is not a PEFT adapter.*export_merged"):
         save_peft_adapter(tmp_path, vera_jax.apply_head(params), path)

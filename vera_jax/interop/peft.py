@@ -489,7 +489,7 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
     c = adapted.config
     if adapted.method == "vera" and not c.share_projections:
         raise ValueError("save_peft_adapter: VeraConfig.share_projections=False gives each layer its own A/B; "
-                         "PEFT's VeRA shares one pair")
+                         "PEFT's VeRA shares one pair; as_lora=True writes it as the LoRA it exactly is")
     hf_config = read_hf_config(hf_config)
     layout = hf_layout(adapted.base, hf_config, names="modules")
     names = {spec.path: _module_name(adapted, spec, layout) for spec in adapted.layers}
