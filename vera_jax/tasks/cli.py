@@ -81,8 +81,8 @@ def _check_override(name: str, config, field: str) -> None:
 
 def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None) -> list[str]:
     """`flags_parser` for `absl.app.run`: absl's parse (of `flag_values`, default absl's FLAGS), with
-    a missing config file, an override naming no field, or any other flag error printed as one
-    line (exit status 2)."""
+    a missing config file, an override naming no field, or any other absl flag error (a bad value,
+    an unknown flag, a bad `file.py:arg`) printed as one line (exit status 2)."""
     fv = flags.FLAGS if flag_values is None else flag_values
     names = _config_flags(fv)
     for name in names:
@@ -90,7 +90,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
             _check_file(name, value)
     try:
         return fv(list(argv))
-    except Exception as e:  # noqa: BLE001 - each is turned into one line below
+    except Exception as e:  # noqa: BLE001 - bad input becomes one line below; anything else is re-raised
         error = e
     for name in names:
         fields = _overrides(argv, name)
@@ -105,5 +105,7 @@ def parse_flags(argv: Sequence[str], flag_values: flags.FlagValues | None = None
                 break
             for field in fields:
                 _check_override(name, config, field)
+    if not isinstance(error, flags.Error):  # not bad input but a failure (e.g. a bug in a config file)
+        raise error
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     _fail(lines[-1] if lines else type(error).__name__)
