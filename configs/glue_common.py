@@ -109,6 +109,5 @@ def minilm(task: str, *, epochs: float, train_limit: int, arg: str | None = None
     c.eval_batch_size = 128
     c.num_epochs = float(epochs)
     c.checkpoint_every_steps = 10_000
-    c.progress_bar = False
     c.tensorboard = False
     return c

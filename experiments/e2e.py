@@ -27,8 +27,8 @@ from ml_collections import config_flags
 
 from vera_jax.data import e2e
 from vera_jax.metrics import nlg
+from vera_jax.tasks import cli, runner
 from vera_jax.tasks import e2e as e2e_family
-from vera_jax.tasks import runner
 
 MODES = ("score", "template")
 FLAGS = flags.FLAGS
@@ -38,7 +38,8 @@ flags.DEFINE_string("output", None, "template: where to write the baseline predi
 config_flags.DEFINE_config_file("config", None,
                                 "training: E2E config file (configs/gpt2_*_e2e.py, configs/smollm2_e2e.py)",
                                 lock_config=False)
-flags.DEFINE_string("workdir", None, "training: output directory (default: /tmp/vera_e2e/<method>-s<seed>)")
+flags.DEFINE_string("workdir", None,
+                    f"training: output directory (default: {runner.default_workdir(e2e_family.FAMILY)})")
 
 
 class Refused(Exception):
@@ -87,4 +88,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

@@ -15,12 +15,12 @@ dev metrics, best epoch, trainable parameters, wall time). The family itself is
 from absl import app, flags
 from ml_collections import config_flags
 
-from vera_jax.tasks import glue, runner
+from vera_jax.tasks import cli, glue, runner
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "GLUE config file (configs/roberta_*.py, configs/minilm_*.py)",
                                 lock_config=False)
-flags.DEFINE_string("workdir", None, "output directory (default: /tmp/vera_glue/<method>-s<seed>)")
+flags.DEFINE_string("workdir", None, f"output directory (default: {runner.default_workdir(glue.FAMILY)})")
 
 
 def main(argv) -> None:
@@ -29,4 +29,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

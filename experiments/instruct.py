@@ -15,12 +15,12 @@ from __future__ import annotations
 from absl import app, flags
 from ml_collections import config_flags
 
-from vera_jax.tasks import instruct, runner
+from vera_jax.tasks import cli, instruct, runner
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "instruction-tuning config (configs/*_alpaca.py)",
                                 lock_config=False)
-flags.DEFINE_string("workdir", None, "output directory (default: /tmp/vera_instruct/<method>-s<seed>)")
+flags.DEFINE_string("workdir", None, f"output directory (default: {runner.default_workdir(instruct.FAMILY)})")
 
 
 def main(argv) -> None:
@@ -30,4 +30,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

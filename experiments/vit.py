@@ -17,11 +17,11 @@ epoch, the drawn train_indices, parameter counts, wall time). The family is `ver
 from absl import app, flags
 from ml_collections import config_flags
 
-from vera_jax.tasks import image, runner
+from vera_jax.tasks import cli, image, runner
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file("config", None, "image config file (configs/vit_*.py)", lock_config=False)
-flags.DEFINE_string("workdir", None, "output directory (default: /tmp/vera_image/<dataset>-<method>-s<seed>)")
+flags.DEFINE_string("workdir", None, f"output directory (default: {runner.default_workdir(image.FAMILY)})")
 
 
 def main(argv) -> None:
@@ -30,4 +30,4 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=cli.parse_flags)

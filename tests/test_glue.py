@@ -272,3 +272,96 @@ def test_minilm_configs_point_at_the_packaged_checkpoint(task):
     c = importlib.import_module(f"configs.minilm_{task}").get_config("method=head")
     assert os.path.exists(os.path.join(c.model.checkpoint, "model.safetensors"))
     assert c.data.task == task and c.method == "head" and c.data.max_length <= 128
+
+
+# ------------------------------------------------------------------------------- the CLI as a new user meets it
+
+
+def _cli(*args, timeout=300):
+    env = {**os.environ, "JAX_PLATFORMS": "cpu", "HF_HUB_OFFLINE": "1", "PYTHONPATH": ROOT}
+    return subprocess.run([sys.executable, "-m", "experiments.glue", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+def _one_error_line(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+def test_cli_config_typo_is_one_line_exit_2():
+    line = _one_error_line(_cli("--config", "configs/minilm_rte.py", "--config.data.dri=x"))
+    assert line == "error: --config.data.dri: --config.data has no field 'dri'; closest fields: dir"
+
+
+def test_cli_missing_config_file_is_one_line_exit_2():
+    line = _one_error_line(_cli("--config=configs/minilm_sst.py"))
+    assert line.startswith("error: --config: config file configs/minilm_sst.py does not exist; closest config files: "
+                           "configs/minilm_sst2.py")
+
+
+@pytest.mark.parametrize("args,expected", [
+    (["--config", "configs/minilm_rte.py", "--config.dta.dir=x"],
+     "--config.dta.dir: --config has no field 'dta'; closest fields: data"),
+    (["--config", "configs/minilm_rte.py", "--config.lora.rank=4"],
+     "--config.lora.rank: --config.lora has no field 'rank'; fields: alpha, dropout, kernel_in_axes, "),
+    (["--config", "configs/nope.py:method=lora"], "--config: config file configs/nope.py does not exist"),
+    (["--config", "configs/minilm_rte.py:rank=4"], "config arg 'rank=4': expected key=value with key in"),
+    (["--config", "configs/minilm_rte.py", "--config.num_epochs=ten"], "--config.num_epochs=ten: could not convert"),
+    (["--config.data.dir=x"], "--config.data.dir: overrides a field of the config file --config, which is not given"),
+    (["--workdri=x"], "Unknown command line flag 'workdri'"),
+])
+def test_parse_flags_errors_are_one_line_exit_2(args, expected, capsys, monkeypatch):
+    """The same parser in-process, on the glue CLI's flags (no subprocess per case)."""
+    from absl import flags
+    from ml_collections import config_flags
+
+    from vera_jax.tasks import cli
+
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setattr(sys, "argv", ["glue", *args])  # ml_collections reads overrides from sys.argv
+    fv = flags.FlagValues()
+    config_flags.DEFINE_config_file("config", None, "config file", flag_values=fv, lock_config=False)
+    flags.DEFINE_string("workdir", None, "output directory", flag_values=fv)
+    with pytest.raises(SystemExit) as exit_:
+        cli.parse_flags(sys.argv, fv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1 and expected in err[0], err
+
+
+def test_cli_targets_matching_nothing_is_one_line_exit_2(bert_dir, glue_dir, tmp_path, capsys):
+    config = tiny_config("rte", bert_dir, glue_dir)
+    config.vera.targets = ("querry",)
+    with pytest.raises(SystemExit) as exit_:
+        runner.main(glue.FAMILY, config, str(tmp_path / "run"))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exit_.value.code == 2 and len(err) == 1, err
+    assert err[0].startswith("error: vera: VeraConfig.targets: ['querry'] matched no linear module. Linear modules "
+                             "in these params: ") and "layer_0/attention/query" in err[0]
+
+
+def test_cli_help_names_the_real_default_workdir(bert_dir, glue_dir):
+    proc = _cli("--help")
+    assert "--workdir: output directory (default: /tmp/vera_glue/<task>-<method>-s<seed>)" in proc.stdout
+    assert runner.default_workdir(glue.FAMILY, tiny_config("rte", bert_dir, glue_dir, "lora")) == \
+        "/tmp/vera_glue/rte-lora-s0"
+
+
+def test_cli_run_shows_progress_lines_and_says_where_the_metrics_come_from(bert_dir, glue_dir, tmp_path, capsys):
+    """Not a TTY (captured): one line per log_every_steps and per eval, no bar; the last line names
+    the eval and epoch the reported metrics come from, beside the last epoch's."""
+    config = tiny_config("rte", bert_dir, glue_dir)
+    config.progress_bar = True
+    runner.main(glue.FAMILY, config, str(tmp_path / "run"))
+    out, err = capsys.readouterr()
+    assert "\r" not in err
+    for step in (1, 2, 3, 4):  # 16 examples, batch 8: 2 steps per epoch
+        assert f"glue-vera step {step}/4 (epoch {step / 2:.2f}): loss=" in err
+    assert "glue-vera step 2/4 (epoch 1.00) eval eval: accuracy=" in err
+    line = json.loads(out.strip().splitlines()[-1])
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    best = summary["best"]
+    assert line["metrics_from"] == f"best eval eval by max accuracy: epoch {best['epoch']:g} of 2"
+    assert (line["accuracy"], line["best_epoch"]) == (best["metrics"]["accuracy"], best["epoch"])
+    assert line["last"] == {"epoch": 2.0, "step": 4, **summary["final"]["eval"]}

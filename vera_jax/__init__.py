@@ -9,6 +9,7 @@
     tx = optax.multi_transform({"adapter": ..., "head": ...}, vera_jax.optax_labels(adapted))
     vera_jax.save_adapter("out/adapter", adapted)
     adapted = vera_jax.load_adapter("out/adapter", params)
+    vera_jax.save_peft_adapter("out/peft", adapted, hf_config, as_lora=True)   # the exact LoRA, for LoRA servers
     adapted = vera_jax.apply_vera(nnx_model, config); y = vera_jax.nnx_merge(nnx_model, adapted)(x)  # flax.nnx
     adapted = vera_jax.attach(params, vera_jax.DVoraConfig(r=256))        # any registered method
     vera_jax.register_method(vera_jax.Method(name=..., config_class=..., init=..., delta=..., term=...))
@@ -30,5 +31,6 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "optax_labels", "partition", "save_adapter",
     ),
     ".adapters.methods.registry": ("register_method", "unregister_method"),
-    ".interop": ("PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter"),
+    ".interop": ("PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter", "to_lora",
+                  "to_vera"),
 })

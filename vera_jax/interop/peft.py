@@ -48,6 +48,7 @@ from vera_jax.adapters.core import Adapted
 from vera_jax.adapters.directory import CONFIG_FILE, TENSORS_FILE
 from vera_jax.adapters.files import AdapterFileError
 from vera_jax.adapters.methods import registry
+from vera_jax.interop.convert import to_lora
 from vera_jax.interop.layout import (
     COPY,
     FUSED,
@@ -454,7 +455,7 @@ def _modules_to_save(adapted: Adapted, layout: HFLayout, adapted_modules: list[s
 
 
 def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
-                      base_model_name_or_path: str | None = None) -> Path:
+                      base_model_name_or_path: str | None = None, as_lora: bool = False) -> Path:
     """Writes `adapted` (VeRA or LoRA) as a PEFT adapter directory for the HF model `hf_config`
     describes, which `PeftModel.from_pretrained(hf_model, path)` loads to the same outputs.
     The directory is written atomically (a failure leaves no partial adapter).
@@ -463,9 +464,13 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
     projections) and needs shared projections; trained head leaves (trainable_extra) become
     `modules_to_save`. Raises ValueError for what PEFT cannot hold (GPT-2's fused c_attn parts,
     unshared projections, head leaves that are part of a module with untrained tensors).
+    `as_lora=True` writes a VeRA adapter as the LoRA adapter it exactly is (`to_lora`: no SVD,
+    nothing lost; any projections), which PEFT and LoRA servers load.
     """
     if not isinstance(adapted, Adapted):
         raise TypeError(f"save_peft_adapter: expected an Adapted tree, got {type(adapted).__name__}")
+    if as_lora:
+        adapted = to_lora(adapted)
     mapping = registry.get(adapted.method).peft
     if mapping is None:
         raise ValueError(f"save_peft_adapter: method {adapted.method!r} has no PEFT equivalent (PEFT adapters: "

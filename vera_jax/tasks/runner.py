@@ -187,7 +187,12 @@ def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.
     spec = dataclasses.replace(spec, **family.model_options(config, data))
     model = family.adapt_model(config, loader.load_model(spec, path))
     parts = family.make_parts(config, model, data)
-    adapted = attach(model.params, config)
+    try:
+        adapted = attach(model.params, config)
+    except ConfigError:
+        raise
+    except ValueError as e:  # the method's config does not fit this model, e.g. targets matching no layer
+        raise ConfigError(f"{config.method}: {e}") from e
     for group, rate in learning_rates(config).items():
         config.optimizer.learning_rates[group] = rate
     if not config.best_metric:
@@ -218,12 +223,58 @@ def run(family: Family, config, workdir: str) -> dict:
     return summary
 
 
+class _Placeholder:
+    """Stands in for a config in `Family.run_name`: every field reads as `<field>`."""
+
+    def __init__(self, name: str = "config"):
+        self._name = name
+
+    def __getattr__(self, name: str) -> "_Placeholder":
+        return _Placeholder(name)
+
+    __getitem__ = __getattr__
+
+    def __format__(self, spec: str) -> str:
+        return f"<{self._name}>"
+
+    __str__ = __repr__ = lambda self: f"<{self._name}>"  # noqa: E731
+
+
+def default_workdir(family: Family, config=None) -> str:
+    """Where `main` writes when no --workdir is given; without a config, the pattern with each
+    config field as `<field>` (for --help), e.g. /tmp/vera_glue/<task>-<method>-s<seed>."""
+    return f"/tmp/vera_{family.name}/{family.run_name(_Placeholder() if config is None else config)}"
+
+
+def _fmt(x) -> str:
+    return f"{x:g}" if isinstance(x, (int, float)) else str(x)
+
+
+def result_line(family: Family, summary: dict, workdir: str) -> dict:
+    """The CLI's last line: the best eval's metrics, saying which eval and epoch they come from,
+    beside the last eval's."""
+    best, final = summary["best"], summary["final"]
+    if best.get("step") is None:
+        source = "none: no eval gave a finite value"
+    else:
+        when = (f"epoch {_fmt(best['epoch'])} of {_fmt(summary['epochs'])}" if best.get("epoch") is not None
+                else f"step {best['step']} of {summary['steps']}")
+        source = f"best {best['eval']} eval by {best['mode']} {best['metric']}: {when}"
+    last = {"epoch": summary.get("epochs"), "step": summary.get("steps"), **(final.get("eval") or {})}
+    return {"family": family.name, "method": summary["method"], "metrics_from": source,
+            **(best.get("metrics") or {}), "best_step": best.get("step"), "best_epoch": best.get("epoch"),
+            "last": last, "trainable_params": summary["trainable_params"],
+            "wall_time_s": round(summary["wall_time_s"], 1), "workdir": workdir}
+
+
 def main(family: Family, config, workdir: Optional[str]) -> dict:
-    """The CLI body every experiment shares: distributed init, the run, one JSON line on stdout;
-    bad input (a user error of the family or the runner) prints one line and exits 2."""
+    """The CLI body every experiment shares: distributed init, the run, one JSON line on stdout
+    (`result_line`); bad input (a user error of the family or the runner) prints one line and
+    exits 2."""
     if config is None:
-        raise SystemExit(f"error: --config is required, e.g. --config configs/<{family.name} config>.py")
-    workdir = workdir or f"/tmp/vera_{family.name}/{family.run_name(config)}"
+        print(f"error: --config is required, e.g. --config configs/<{family.name} config>.py", file=sys.stderr)
+        sys.exit(2)
+    workdir = workdir or default_workdir(family, config)
     train_lib.initialize_distributed(config)
     errors = (ConfigError, CheckpointUnavailableError, DataUnavailableError, FileNotFoundError) + family.user_errors
     try:
@@ -231,9 +282,5 @@ def main(family: Family, config, workdir: Optional[str]) -> dict:
     except errors as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    best = summary["best"]
-    print(json.dumps({"family": family.name, "method": summary["method"], "best_step": best.get("step"),
-                      "best_epoch": best.get("epoch"), **(best.get("metrics") or {}),
-                      "trainable_params": summary["trainable_params"],
-                      "wall_time_s": round(summary["wall_time_s"], 1), "workdir": workdir}))
+    print(json.dumps(result_line(family, summary, workdir)))
     return summary

@@ -69,5 +69,5 @@ def default_config() -> ml_collections.ConfigDict:
     c.best_metric = ""  # eval metric whose best value is tracked ("" : the first one metrics_fn returns)
     c.best_mode = "max"  # max | min
     c.tensorboard = True  # also write TensorBoard event files to workdir/tensorboard
-    c.progress_bar = True  # tqdm bar on process 0
+    c.progress_bar = True  # progress on process 0's stderr: a tqdm bar on a TTY, else a line per log_every_steps
     return c

@@ -17,6 +17,7 @@ import logging
 import math
 import os
 import signal
+import sys
 import threading
 import time
 from typing import Any, Callable, Optional
@@ -326,8 +327,23 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
     def epoch_of(step: int) -> Optional[float]:
         return None if per_epoch is None else step / per_epoch
 
+    show = is_main and config.progress_bar
+    on_tty = show and sys.stderr.isatty()
+
+    def progress(line: str) -> None:
+        """One line of progress: above the bar on a TTY, else a plain line (a log has no bar)."""
+        if on_tty:
+            tqdm.write(line, file=sys.stderr)
+        elif show:
+            print(line, file=sys.stderr, flush=True)
+
+    def at(step: int) -> str:
+        epoch = epoch_of(step)
+        return f"step {step}/{total}" + ("" if epoch is None else f" (epoch {epoch:.2f})")
+
     def run_eval(step: int, name: str, ev: Eval) -> None:
         metrics, outputs = evaluate(name, ev)
+        progress(f"{task.name} {at(step)} eval {name}: " + ", ".join(f"{k}={v:.4g}" for k, v in metrics.items()))
         if name == best_eval:
             best.update(step, epoch_of(step), metrics)
             meta["best"] = best.state
@@ -338,8 +354,7 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
         if ev.write_fn is not None and is_main:
             ev.write_fn(workdir, step, outputs, metrics)
 
-    bar = tqdm(total=total, initial=start, disable=not (is_main and config.progress_bar), desc=task.name,
-               dynamic_ncols=True)
+    bar = tqdm(total=total, initial=start, disable=not on_tty, desc=task.name, dynamic_ncols=True)
     run_examples, run_time = 0, 0.0
     try:
         if total == 0:  # evaluation only: the adapter as attached (e.g. the untuned model)
@@ -368,9 +383,12 @@ def _train_and_evaluate(config, workdir: str, task: Task, preemption: _Preemptio
                 means = {f"train/{k}": v / meta["log_count"] for k, v in meta["log_sums"].items()}
                 meta.update(log_sums={}, log_count=0, last_train=means)
                 writer.write(step, {**means, **({} if per_epoch is None else {"epoch": epoch_of(step)})})
-                bar.set_postfix(loss=f"{means['train/loss']:.4g}",
-                                lr=f"{max(v for k, v in means.items() if k.startswith('train/lr/')):.3g}",
-                                ex_s=f"{run_examples / run_time:.1f}")
+                shown = dict(loss=f"{means['train/loss']:.4g}",
+                             lr=f"{max(v for k, v in means.items() if k.startswith('train/lr/')):.3g}",
+                             ex_s=f"{run_examples / run_time:.1f}")
+                bar.set_postfix(shown)
+                if not on_tty:
+                    progress(f"{task.name} {at(step)}: " + ", ".join(f"{k}={v}" for k, v in shown.items()))
             for name, ev in evals.items():
                 if step == total or _eval_due(ev.every, config.eval_every_steps, step, per_epoch, name):
                     run_eval(step, name, ev)

@@ -37,6 +37,12 @@ def delta(adapted, spec, vec, dtype) -> jax.Array:
     return (vec["lora_A"].T @ vec["lora_B"].T) * adapted.config.scaling
 
 
+def lora_factors(adapted, spec, vec) -> tuple[jax.Array, jax.Array]:
+    """The factors with the scaling folded into B (a LoRA of scaling 1)."""
+    return (jnp.asarray(vec["lora_A"], jnp.float32),
+            jnp.asarray(vec["lora_B"], jnp.float32) * adapted.config.scaling)
+
+
 def term(adapted, spec, vec, x) -> jax.Array:
     h = x @ vec["lora_A"].astype(x.dtype).T
     return (h @ vec["lora_B"].astype(x.dtype).T) * jnp.asarray(adapted.config.scaling, x.dtype)
@@ -93,5 +99,6 @@ PEFT = registry.PeftMapping(
 )
 
 METHOD = registry.register(registry.Method(
-    name=LoraConfig.method, config_class=LoraConfig, init=init, delta=delta, term=term, cost=cost, peft=PEFT,
+    name=LoraConfig.method, config_class=LoraConfig, init=init, delta=delta, term=term, cost=cost,
+    lora_factors=lora_factors, peft=PEFT,
 ))

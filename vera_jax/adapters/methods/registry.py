@@ -61,6 +61,9 @@ class Method:
     label(config, leaf) -> "adapter" | None: the optimizer group of an adapter leaf (None: frozen).
     trains_base: every base leaf trains (label "full"), as in full fine-tuning.
     peft: its PEFT mapping, or None (no PEFT equivalent: save_peft_adapter refuses it).
+    lora_factors(adapted, spec, vec) -> (lora_A (r, in), lora_B (out, r)), float32, with delta =
+      lora_A.T @ lora_B.T exactly: the method's update as a LoRA with scaling 1 (`interop.to_lora`);
+      None: the update is not a plain low-rank product (to_lora refuses the method).
     bank(adapted, spec, vec) -> (d (r,), b (out,)): the two vectors the serving bank batches for a
       layer; None: the bank refuses the method, naming it.
     bank_refuse(adapted) -> a reason this adapter cannot join the bank, or None.
@@ -76,6 +79,7 @@ class Method:
     label: Callable[[Any, str], str | None] = lambda config, leaf: "adapter"
     trains_base: bool = False
     peft: PeftMapping | None = None
+    lora_factors: Callable | None = None
     bank: Callable | None = None
     bank_refuse: Callable[[Any], str | None] = lambda adapted: None
 

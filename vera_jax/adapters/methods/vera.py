@@ -78,6 +78,12 @@ def term(adapted, spec, vec, x) -> jax.Array:
     return h @ (b * vec["lambda_b"][:, None]).astype(x.dtype).T
 
 
+def lora_factors(adapted, spec, vec) -> tuple[jax.Array, jax.Array]:
+    """delta = A_l^T diag(d) B_l^T diag(b) = (diag(d) A_l)^T (diag(b) B_l)^T: exactly a LoRA of rank r."""
+    a, b = (jnp.asarray(m, jnp.float32) for m in core.layer_projections(adapted, spec))
+    return a * jnp.asarray(vec["lambda_d"], jnp.float32)[:, None], b * jnp.asarray(vec["lambda_b"], jnp.float32)[:, None]
+
+
 def cost(tokens: int, n_in: int, n_out: int, r: int, train: bool) -> dict:
     """Training: merged forms the delta and takes dW back to d and b (3 in*r*out) on top of the
     weight gradient; factored is forward x@A.T and h@(b*B).T, backward g@(b*B), g.T@h for b's
@@ -135,5 +141,5 @@ PEFT = registry.PeftMapping(
 
 METHOD = registry.register(registry.Method(
     name=VeraConfig.method, config_class=VeraConfig, init=init, delta=delta, term=term, cost=cost, label=label,
-    peft=PEFT, bank=lambda adapted, spec, vec: (vec["lambda_d"], vec["lambda_b"]), bank_refuse=bank_refuse,
+    lora_factors=lora_factors, peft=PEFT, bank=lambda adapted, spec, vec: (vec["lambda_d"], vec["lambda_b"]), bank_refuse=bank_refuse,
 ))
