@@ -318,8 +318,11 @@ def test_to_lora_keeps_lora_and_refuses_other_methods(base):
     _, _, params = base("roberta")
     lora = vera_jax.apply_lora(params, vera_jax.LoraConfig(r=4))
     assert vera_jax.to_lora(lora) is lora
-    with pytest.raises(ValueError, match="method 'head' has no low-rank update.*export_merged"):
+    with pytest.raises(ValueError, match="method 'head' has no plain low-rank update to write as LoRA.*export_merged"):
         vera_jax.to_lora(vera_jax.apply_head(params))
+    with pytest.raises(ValueError, match=r"method 'dvora' has no plain low-rank update to write as LoRA \(methods that convert: "
+                                         r"\['lora', 'vera'\]\)"):
+        vera_jax.to_lora(vera_jax.apply_dvora(params, vera_jax.DVoraConfig(r=4)))
 
 
 def test_lora_to_vera_is_refused_with_the_reason(base):

@@ -81,7 +81,8 @@ def term(adapted, spec, vec, x) -> jax.Array:
 def lora_factors(adapted, spec, vec) -> tuple[jax.Array, jax.Array]:
     """delta = A_l^T diag(d) B_l^T diag(b) = (diag(d) A_l)^T (diag(b) B_l)^T: exactly a LoRA of rank r."""
     a, b = (jnp.asarray(m, jnp.float32) for m in core.layer_projections(adapted, spec))
-    return a * jnp.asarray(vec["lambda_d"], jnp.float32)[:, None], b * jnp.asarray(vec["lambda_b"], jnp.float32)[:, None]
+    d, bvec = (jnp.asarray(vec[k], jnp.float32)[:, None] for k in ("lambda_d", "lambda_b"))
+    return a * d, b * bvec
 
 
 def cost(tokens: int, n_in: int, n_out: int, r: int, train: bool) -> dict:
@@ -141,5 +142,6 @@ PEFT = registry.PeftMapping(
 
 METHOD = registry.register(registry.Method(
     name=VeraConfig.method, config_class=VeraConfig, init=init, delta=delta, term=term, cost=cost, label=label,
-    lora_factors=lora_factors, peft=PEFT, bank=lambda adapted, spec, vec: (vec["lambda_d"], vec["lambda_b"]), bank_refuse=bank_refuse,
+    lora_factors=lora_factors, peft=PEFT, bank=lambda adapted, spec, vec: (vec["lambda_d"], vec["lambda_b"]),
+    bank_refuse=bank_refuse,
 ))
