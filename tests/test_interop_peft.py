@@ -320,8 +320,8 @@ def test_to_lora_keeps_lora_and_refuses_other_methods(base):
     assert vera_jax.to_lora(lora) is lora
     with pytest.raises(ValueError, match="method 'head' has no plain low-rank update to write as LoRA.*export_merged"):
         vera_jax.to_lora(vera_jax.apply_head(params))
-    with pytest.raises(ValueError, match=r"method 'dvora' has no plain low-rank update to write as LoRA \(methods that convert: "
-                                         r"\['lora', 'vera'\]\)"):
+    with pytest.raises(ValueError, match=r"method 'dvora' has no plain low-rank update to write as LoRA "
+                                         r"\(methods that convert: \['lora', 'vera'\]\)"):
         vera_jax.to_lora(vera_jax.apply_dvora(params, vera_jax.DVoraConfig(r=4)))
 
 
