@@ -473,9 +473,9 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
         adapted = to_lora(adapted)
     mapping = registry.get(adapted.method).peft
     if mapping is None:
-        raise ValueError(f"save_peft_adapter: method {adapted.method!r} has no PEFT equivalent (PEFT adapters: "
-                         f"{_peft_methods()}); save it with save_adapter, or export a merged checkpoint with "
-                         "export_merged")
+        raise ValueError(f"save_peft_adapter: method {adapted.method!r} is not a PEFT adapter (PEFT has no "
+                         f"equivalent; those that have one: {_peft_methods()}); save it with save_adapter, or export "
+                         "a merged checkpoint with export_merged")
     c = adapted.config
     why = mapping.refuse(c)
     if why is not None:
