@@ -3,6 +3,7 @@ streaming.py's events) and `serve`, which runs it under uvicorn."""
 
 from __future__ import annotations
 
+import asyncio
 from typing import Any
 
 from fastapi import FastAPI
@@ -14,6 +15,18 @@ __all__ = ["TextStream", "create_app", "serve"]
 
 
 def serve(app: FastAPI, host: str = "127.0.0.1", port: int = 8000, **uvicorn_kwargs: Any) -> None:
+    """Runs `app` until stopped; prints `listening on http://HOST:PORT` once the socket accepts."""
     import uvicorn
 
-    uvicorn.run(app, host=host, port=port, **uvicorn_kwargs)
+    server = uvicorn.Server(uvicorn.Config(app, host=host, port=port, **uvicorn_kwargs))
+
+    async def run():
+        task = asyncio.create_task(server.serve())
+        while not server.started and not task.done():
+            await asyncio.sleep(0.05)
+        if server.started:
+            bound = server.servers[0].sockets[0].getsockname()
+            print(f"listening on http://{host}:{bound[1]}", flush=True)
+        await task
+
+    asyncio.run(run())

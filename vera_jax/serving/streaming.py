@@ -13,7 +13,7 @@ from typing import Any
 from fastapi.responses import StreamingResponse
 
 from vera_jax.serving.engine import Engine, Request
-from vera_jax.serving.protocol import ChatBody, SamplingBody, usage_of
+from vera_jax.serving.protocol import ChatBody, SamplingBody, error_body, failure, usage_of
 
 
 class TextStream:
@@ -127,9 +127,9 @@ def stream_response(engine: Engine, body: SamplingBody, requests: list[Request],
                         continue
                     f = done[i]
                     error = concurrent.futures.CancelledError() if f.cancelled() else f.exception()
-                    if error is not None:                # the engine failed it (it keeps serving the others)
-                        yield sse({"error": {"message": f"internal error: {type(error).__name__}: {error}",
-                                              "type": "server_error", "param": None, "code": 500}})
+                    if error is not None:                # the engine ended it (it keeps serving the others)
+                        e = failure(error)
+                        yield sse(error_body(e.status, e.message, e.param, e.kind))
                         yield sse("[DONE]")
                         return
                     c = f.result()
