@@ -108,7 +108,9 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
     @app.exception_handler(HTTPException)
     async def http_error(_, exc: HTTPException):
         kind = "not_found_error" if exc.status_code == 404 else "invalid_request_error"
-        return error_response(exc.status_code, str(exc.detail), None, kind)
+        response = error_response(exc.status_code, str(exc.detail), None, kind)
+        response.headers.update(exc.headers or {})             # e.g. 405's Allow
+        return response
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(_, exc: RequestValidationError):
@@ -165,26 +167,29 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
 
     def submit(http: HTTPRequest, requests: list[Request], on_token=None) -> list[concurrent.futures.Future]:
         """Queues every request or none: all are checked first, so a bad one is refused before any runs."""
+        futures: list[concurrent.futures.Future] = []
         try:
             for r in requests:
                 engine.check(r)
-            futures = []
             for i, r in enumerate(requests):
                 futures.append(engine.submit(r, timed(None if on_token is None else on_token(i))))
                 futures[-1].add_done_callback(lambda f: counted(http, f))
             return futures
-        except KeyError as e:
-            raise APIError(404, str(e.args[0]), "model", "not_found_error") from None
-        except RequestError as e:
+        except (KeyError, RequestError) as e:     # (an adapter unloaded meanwhile: none of them runs)
+            for f in futures:
+                engine.cancel(f)
+            if isinstance(e, KeyError):
+                raise APIError(404, str(e.args[0]), "model", "not_found_error") from None
             raise APIError(400, str(e), str(e).split(":")[0]) from None
 
     def timed(on_token):
         """on_token that also observes the time to the first token."""
-        start, first = time.monotonic(), []
+        start, seen = time.monotonic(), []
 
         def call(token):
-            if not first:
-                first.append(metrics.ttft.observe(time.monotonic() - start))
+            if not seen:
+                seen.append(token)
+                metrics.ttft.observe(time.monotonic() - start)
             if on_token is not None:
                 on_token(token)
         return call
