@@ -277,11 +277,13 @@ def test_metrics_and_the_access_log_count_requests_and_tokens_without_prompt_tex
 
 @pytest.mark.parametrize("flags, message", [
     (["--checkpoint", "/missing"], "--checkpoint: '/missing' does not exist"),
+    (["--checkpoint", "EMPTY"], "no config.json"),                      # parses, then cannot load
     (["--checkpoint", "x", "--slots", "0"], "--slots: 0; expected an integer >= 1"),
     (["--checkpoint", "x", "--port", "70000"], "--port: 70000"),
     (["--checkpoint", "x", "--adapter-root", "/missing"], "--adapter-root: '/missing' is not a directory"),
     (["--slots", "1"], "the following arguments are required: --checkpoint")])
-def test_bad_cli_flags_print_one_line_and_exit_2(flags, message):
-    done = subprocess.run([sys.executable, "-c", "import sys; from vera_jax.serving.__main__ import parse_args; "
-                           "parse_args(sys.argv[1:])", *flags], capture_output=True, text=True, timeout=120)
+def test_bad_cli_flags_print_one_line_and_exit_2(flags, message, tmp_path):
+    flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]
+    done = subprocess.run([sys.executable, "-m", "vera_jax.serving", *flags], capture_output=True, text=True,
+                          timeout=300)
     assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
