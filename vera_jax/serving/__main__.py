@@ -101,8 +101,11 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     try:
         app, _, _ = build(args)
-    except (OSError, ValueError) as e:          # an unreadable checkpoint or adapter: one line, exit 2
-        print(f"python -m vera_jax.serving: error: {e}", file=sys.stderr)
+    except (OSError, ValueError, SystemExit) as e:  # an unreadable checkpoint or a refused adapter
+        message = e.code if isinstance(e, SystemExit) else str(e)
+        if not isinstance(message, str):            # a SystemExit with a status is passed on
+            raise
+        print(f"python -m vera_jax.serving: error: {' '.join(message.split())}", file=sys.stderr)
         sys.exit(2)
     serve(app, host=args.host, port=args.port, log_level="warning")
 
