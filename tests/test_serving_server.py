@@ -47,7 +47,8 @@ def server(tmp_path_factory):
             vera_jax.save_adapter(root / name, adapters[name])
     port = free_port()
     cmd = [sys.executable, "-m", "vera_jax.serving", "--checkpoint", str(root / "ckpt"), "--host", "127.0.0.1",
-           "--port", str(port), "--slots", "4", "--max-length", str(MAX_LENGTH), "--max-tokens", "5"]
+           "--port", str(port), "--slots", "4", "--max-length", str(MAX_LENGTH), "--max-tokens", "5",
+           "--adapter-root", str(root)]
     for name in ("a", "b", "c"):
         cmd += ["--adapter", f"{name}={root / name}"]
     log = open(root / "server.log", "w")
@@ -60,6 +61,7 @@ def server(tmp_path_factory):
                 pytest.fail(f"server exited {proc.returncode}: {(root / 'server.log').read_text()[-3000:]}")
             try:
                 if httpx.get(f"{url}/health", timeout=2).status_code == 200:
+                    assert f"listening on {url}\n" in (root / "server.log").read_text()
                     break
             except httpx.HTTPError:
                 pass

@@ -2,9 +2,9 @@
 continuous-batching engine and the OpenAI-compatible HTTP server (`python -m vera_jax.serving`;
 the server needs fastapi and uvicorn, imported only by `server` and `__main__`)."""
 
-from vera_jax.serving.bank import BASE, AdapterBank, AdapterInfo, AdapterRefused, rows_for
+from vera_jax.serving.bank import BASE, AdapterBank, AdapterInfo, AdapterRefused, AdapterUnloaded, rows_for
 from vera_jax.serving.batched import BankDecoder
 from vera_jax.serving.engine import Completion, Engine, Request, RequestError
 
-__all__ = ["BASE", "AdapterBank", "AdapterInfo", "AdapterRefused", "BankDecoder", "Completion", "Engine", "Request",
-           "RequestError", "rows_for"]
+__all__ = ["BASE", "AdapterBank", "AdapterInfo", "AdapterRefused", "AdapterUnloaded", "BankDecoder", "Completion",
+           "Engine", "Request", "RequestError", "rows_for"]

@@ -8,16 +8,24 @@ OpenAI-compatible API (`server.py`).
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 from vera_jax.models import hub
+from vera_jax.serving import routes
 from vera_jax.serving.bank import AdapterBank
 from vera_jax.serving.engine import Engine
 from vera_jax.serving.server import create_app, serve
 
 
+class _Parser(argparse.ArgumentParser):
+    def error(self, message):
+        """One line and exit 2 (argparse's own errors, and `check`'s)."""
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(prog="python -m vera_jax.serving", description=__doc__.splitlines()[0])
+    p = _Parser(prog="python -m vera_jax.serving", description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", required=True, help="HF checkpoint directory, Hub id, or .gguf file")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter directory (ours or PEFT VeRA) served as model NAME; repeatable")
@@ -27,7 +35,38 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max-length", type=int, default=None,
                    help="context per slot (prompt + new tokens); default min(model positions, 2048)")
     p.add_argument("--max-tokens", type=int, default=16, help="max_tokens when a request gives none")
-    return p.parse_args(argv)
+    p.add_argument("--api-key", default=os.environ.get("VERA_API_KEY"),
+                   help="require Authorization: Bearer KEY on every /v1 route (default: $VERA_API_KEY)")
+    p.add_argument("--adapter-root", default=None, metavar="DIR",
+                   help="allow loading adapters at run time, only from directories inside DIR (default: off)")
+    p.add_argument("--max-body-bytes", type=int, default=routes.MAX_BODY_BYTES, help="larger bodies get 413")
+    p.add_argument("--max-prompt-chars", type=int, default=routes.MAX_PROMPT_CHARS,
+                   help="prompt characters per request, counted before tokenizing")
+    p.add_argument("--max-prompts", type=int, default=routes.MAX_PROMPTS, help="prompts per request")
+    args = p.parse_args(argv)
+    check(p, args)
+    return args
+
+
+def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that parse but cannot work end the start with one line and exit 2."""
+    for flag, value, least in (("--slots", args.slots, 1), ("--max-tokens", args.max_tokens, 1),
+                               ("--max-body-bytes", args.max_body_bytes, 1),
+                               ("--max-prompt-chars", args.max_prompt_chars, 1),
+                               ("--max-prompts", args.max_prompts, 1), ("--port", args.port, 0)):
+        if value < least:
+            p.error(f"{flag}: {value}; expected an integer >= {least}")
+    if args.port > 65535:
+        p.error(f"--port: {args.port}; expected at most 65535")
+    if args.max_length is not None and args.max_length < 2:
+        p.error(f"--max-length: {args.max_length}; expected an integer >= 2")
+    if args.api_key is not None and not args.api_key.strip():
+        p.error("--api-key: empty; give a key or leave the flag (and VERA_API_KEY) out")
+    if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
+        p.error(f"--adapter-root: {args.adapter_root!r} is not a directory")
+    local = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.endswith(".gguf")
+    if local and not os.path.exists(os.path.expanduser(args.checkpoint)):
+        p.error(f"--checkpoint: {args.checkpoint!r} does not exist")
 
 
 def build(args: argparse.Namespace):
@@ -52,12 +91,19 @@ def build(args: argparse.Namespace):
     positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 2048
     max_length = args.max_length or min(int(positions), 2048)
     engine = Engine(model, bank, slots=args.slots, max_length=max_length, tokenizer=tokenizer)
-    return create_app(engine, bank, default_max_tokens=args.max_tokens), engine, bank
+    app = create_app(engine, bank, default_max_tokens=args.max_tokens, api_key=args.api_key,
+                     adapter_root=args.adapter_root, max_body_bytes=args.max_body_bytes,
+                     max_prompt_chars=args.max_prompt_chars, max_prompts=args.max_prompts)
+    return app, engine, bank
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    app, _, _ = build(args)
+    try:
+        app, _, _ = build(args)
+    except (OSError, ValueError) as e:          # an unreadable checkpoint or adapter: one line, exit 2
+        print(f"python -m vera_jax.serving: error: {e}", file=sys.stderr)
+        sys.exit(2)
     serve(app, host=args.host, port=args.port, log_level="warning")
 
 

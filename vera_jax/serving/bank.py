@@ -48,6 +48,10 @@ class AdapterRefused(ValueError):
     """An adapter cannot join the bank; the message says why."""
 
 
+class AdapterUnloaded(KeyError):
+    """The adapter version a request was bound to has been unloaded (args[0] is the message)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class AdapterInfo:
     """What `AdapterBank.load` reports: where the adapter lives and what it costs."""
@@ -59,6 +63,7 @@ class AdapterInfo:
     r: int
     layers: tuple[str, ...]
     bytes: int           # device bytes of its d and b vectors (its rows in the group's stacks)
+    version: int = 0     # distinct for every load, so a reload under the same name is a new version
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "layers": list(self.layers)}
@@ -121,6 +126,7 @@ class AdapterBank:
         self._info: dict[str, AdapterInfo] = {}
         self._lock = threading.RLock()
         self.version = 0                             # bumped on every visible change
+        self._loads = 0                              # numbers each load: AdapterInfo.version
 
     # ------------------------------------------------------------------------------ reading
     def read(self, path: str | os.PathLike) -> tuple[Adapted, str]:
@@ -178,6 +184,7 @@ class AdapterBank:
             vectors = {s.name: (np.asarray(get_path(adapted.adapter, s.path)["lambda_d"], np.float32),
                                 np.asarray(get_path(adapted.adapter, s.path)["lambda_b"], np.float32))
                        for s in adapted.layers}
+            _check_finite(name, vectors)
             info = AdapterInfo(name, (sources or {}).get(name, ""), (formats or {}).get(name, "vera_jax"), key,
                                adapted.config.r, tuple(s.name for s in adapted.layers),
                                sum(d.nbytes + b.nbytes for d, b in vectors.values()))
@@ -191,10 +198,11 @@ class AdapterBank:
             for key, items in by_key.items():
                 self._groups[key] = self._insert(self._groups.get(key), key, items)
             for name, key, _, _, info in prepared:
+                self._loads += 1
                 self._where[name] = key
-                self._info[name] = info
+                self._info[name] = dataclasses.replace(info, version=self._loads)
             self.version += 1
-        return [item[4] for item in prepared]
+        return [self._info[name] for name, *_ in prepared]
 
     def _insert(self, group: _Group | None, key: str, items: list) -> _Group:
         """`group` (or a new one) with the items' vectors written into free rows."""
@@ -236,19 +244,21 @@ class AdapterBank:
         return dataclasses.replace(group, d={k: pad(v) for k, v in group.d.items()},
                                    b={k: pad(v) for k, v in group.b.items()})
 
-    def unload(self, name: str) -> None:
-        """Hides `name`; its row is zeroed now, or when its last pinned request ends."""
+    def unload(self, name: str) -> int:
+        """Hides `name`; its row is zeroed now, or when its last pinned request ends. Returns the
+        version unloaded."""
         with self._lock:
             if name not in self._info:
                 raise KeyError(self.unknown(name))
             group = self._groups[self._where.pop(name)]
-            del self._info[name]
+            version = self._info.pop(name).version
             row = group.rows.pop(name)
             if group.pins.get(row):
                 group.retired.add(row)
             else:
                 self._release(group, row)
             self.version += 1
+            return version
 
     def _release(self, group: _Group, row: int) -> None:
         group.retired.discard(row)
@@ -260,11 +270,14 @@ class AdapterBank:
             group.d[k] = group.d[k].at[row].set(0.0)
             group.b[k] = group.b[k].at[row].set(0.0)
 
-    def pin(self, name: str) -> tuple[str, int] | None:
-        """(group key, row) for a request to `name` (None for the base), held until `unpin`."""
+    def pin(self, name: str, version: int | None = None) -> tuple[str, int] | None:
+        """(group key, row) for a request to `name` (None for the base), held until `unpin`.
+        version: the one the request was admitted with; AdapterUnloaded if it is gone."""
         if name == BASE:
             return None
         with self._lock:
+            if version is not None and (name not in self._info or self._info[name].version != version):
+                raise AdapterUnloaded(f"model {name!r} was unloaded")
             if name not in self._info:
                 raise KeyError(self.unknown(name))
             group = self._groups[self._where[name]]
@@ -319,6 +332,14 @@ class AdapterBank:
                                "layers": len(g.layers), "projection_bytes": int(shared), "stacked_bytes": int(stacked)})
             return {"adapters": len(self._info), "groups": groups,
                     "bytes_per_adapter": {n: i.bytes for n, i in self._info.items()}}
+
+
+def _check_finite(name: str, vectors: dict) -> None:
+    """AdapterRefused naming the first vector with NaN or inf (it would decode garbage for ever)."""
+    for layer, pair in vectors.items():
+        for field, v in zip(("lambda_d", "lambda_b"), pair):
+            if not np.isfinite(v).all():
+                raise AdapterRefused(f"adapter {name!r}: {layer}.{field} has NaN or inf values")
 
 
 def rows_for(structure: tuple, refs: list[tuple[str, int] | None]) -> np.ndarray:

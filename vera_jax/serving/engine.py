@@ -30,6 +30,11 @@ future. `cancel(future)` ends a request early (a client that went away): queued,
 running, its slot is freed before the next decode step. Neither adds a compile or changes a batch:
 a cancelled row leaves exactly as a finished one does.
 
+Adapters: `submit` binds a request to the version of its adapter loaded at that moment (every
+load is a new version, even under a name used before). `unload(name)` ends the queued requests
+bound to it with `AdapterUnloaded`; running ones finish on the rows they pinned; a request never
+runs on another version than the one it was admitted with.
+
 Sampling: temperature 0 is greedy (argmax); otherwise HF's temperature and top-p warpers and a
 draw keyed by (seed, step) as `sampling.sample_tokens` does, so a request's tokens depend only on
 its prompt, adapter, settings and seed, never on the other rows.
@@ -49,7 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vera_jax.models import sampling
-from vera_jax.serving.bank import BASE, AdapterBank, rows_for
+from vera_jax.serving.bank import BASE, AdapterBank, AdapterUnloaded, rows_for
 from vera_jax.serving.batched import BankDecoder
 
 MAX_TOP_LOGPROBS = 20   # the most alternatives per position a request may ask for (OpenAI chat's limit)
@@ -72,6 +77,7 @@ class Request:
     stop: tuple[str, ...] = ()
     logprobs: int | None = None       # None: no logprobs; k: each new token's and its k most likely
     prompt_logprobs: int | None = None  # None: none; k: every prompt token's (after the first) and k most likely
+    version: int | None = None        # the adapter version it runs on; `submit` binds the current one
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,6 +255,8 @@ class Engine:
         request ends with that exception and the others go on.
         """
         self.check(request)
+        if request.model != BASE and request.version is None:
+            request = dataclasses.replace(request, version=self.bank.info(request.model).version)
         future: concurrent.futures.Future = concurrent.futures.Future()
         with self._cond:
             self._queue.append((request, future, on_token))
@@ -266,6 +274,18 @@ class Engine:
         with self._cond:
             self._doomed.add(future)
             self._cond.notify()
+
+    def unload(self, name: str) -> None:
+        """Unloads adapter `name` from the bank; its queued requests end now with AdapterUnloaded
+        (running ones finish on the version they started with)."""
+        version = self.bank.unload(name)
+        with self._cond:
+            gone = [e for e in self._queue if e[0].model == name and e[0].version == version]
+            for entry in gone:
+                self._queue.remove(entry)
+        for _, future, _ in gone:
+            if future.set_running_or_notify_cancel():
+                future.set_exception(AdapterUnloaded(f"model {name!r} was unloaded"))
 
     def generate(self, requests: list[Request], timeout: float = 600.0) -> list[Completion]:
         """Runs `requests` to completion (starting the loop if needed); in order."""
@@ -287,7 +307,7 @@ class Engine:
                 if not future.set_running_or_notify_cancel():
                     continue
                 try:
-                    ref = self.bank.pin(request.model)
+                    ref = self.bank.pin(request.model, request.version)
                 except KeyError as e:                      # unloaded while queued
                     future.set_exception(e)
                     continue
