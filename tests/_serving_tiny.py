@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import threading
+import time
 
 import flax.linen as nn
 import jax
@@ -72,3 +75,22 @@ def alone(model, params, prompt, max_tokens, eos=EOS):
     """Greedy tokens of one prompt by generate.greedy, cut after the first EOS."""
     out = np.asarray(generate.greedy(model, params, np.asarray([prompt]), None, max_tokens, eos, 1))[0].tolist()
     return out[: out.index(eos) + 1] if eos in out else out
+
+
+@contextlib.contextmanager
+def live_server(app):
+    """Serves `app` with uvicorn on a free 127.0.0.1 port in a thread (lifespan included); yields its URL."""
+    import uvicorn
+
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=0, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.time() + 120
+    while not server.started:
+        assert time.time() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.05)
+    try:
+        yield f"http://127.0.0.1:{server.servers[0].sockets[0].getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(30)

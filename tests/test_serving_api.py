@@ -7,7 +7,6 @@ stopped where a test needs requests to wait in the queue."""
 import json
 import logging
 import re
-import socket
 import subprocess
 import sys
 import threading
@@ -18,8 +17,7 @@ import httpx
 import jax
 import numpy as np
 import pytest
-import uvicorn
-from _serving_tiny import random_vera, tiny, word_tokenizer
+from _serving_tiny import live_server, random_vera, tiny, word_tokenizer
 from fastapi.testclient import TestClient
 
 import vera_jax
@@ -28,12 +26,6 @@ from vera_jax.serving.server import create_app
 
 KEY = "test-key"
 MAX_BODY, MAX_CHARS, MAX_PROMPTS = 20_000, 2_000, 4
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")
@@ -56,19 +48,9 @@ def api(tmp_path_factory):
     engine = Engine(model, bank, slots=2, max_length=32, tokenizer=word_tokenizer())
     app = create_app(engine, bank, default_max_tokens=4, api_key=KEY, adapter_root=adapters,
                      max_body_bytes=MAX_BODY, max_prompt_chars=MAX_CHARS, max_prompts=MAX_PROMPTS)
-    port = free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    url = f"http://127.0.0.1:{port}"
-    with httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"}, timeout=120) as http:
+    with live_server(app) as url, httpx.Client(base_url=url, headers={"Authorization": f"Bearer {KEY}"},
+                                               timeout=120) as http:
         yield types.SimpleNamespace(url=url, engine=engine, bank=bank, root=adapters, http=http, app=app)
-    server.should_exit = True
-    thread.join(30)
 
 
 def ask(api, **body):

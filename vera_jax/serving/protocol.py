@@ -134,6 +134,24 @@ class LoraUnloadBody(_Strict):
     lora_int_id: StrictInt | None = None
 
 
+class ErrorDetail(BaseModel):
+    message: str
+    type: str
+    param: str | None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    """OpenAI's error body, which every error of this server has (documented in the OpenAPI schema)."""
+
+    error: ErrorDetail
+
+
+ERROR_RESPONSES: dict = {status: {"model": ErrorResponse} for status in (400, 401, 403, 404, 413, 422, 500)}
+STREAM_RESPONSE: dict = {200: {"content": {"text/event-stream": {}}, "description": "JSON, or events if stream"}}
+TEXT_RESPONSE: dict = {"content": {"text/plain": {}}, "description": "text"}
+
+
 class APIError(Exception):
     """Raised by a route; answered as OpenAI's error body with `status`."""
 

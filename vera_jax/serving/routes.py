@@ -63,6 +63,9 @@ from vera_jax.serving.bank import BASE, AdapterBank
 from vera_jax.serving.engine import Engine, Request, RequestError
 from vera_jax.serving.metrics import CLIENT_GONE, Guard, Metrics
 from vera_jax.serving.protocol import (
+    ERROR_RESPONSES,
+    STREAM_RESPONSE,
+    TEXT_RESPONSE,
     AdapterBody,
     APIError,
     ChatBody,
@@ -134,7 +137,7 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
             raise APIError(401, "a valid API key is required: Authorization: Bearer KEY", None,
                            "authentication_error")
 
-    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)] if api_key else [])
+    v1 = APIRouter(prefix="/v1", dependencies=[Depends(authorized)] if api_key else [], responses=ERROR_RESPONSES)
 
     def check_model(name: str, http: HTTPRequest) -> None:
         if name != BASE and name not in bank.names():
@@ -233,11 +236,11 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
         ids = tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(ids["input_ids"] if isinstance(ids, dict) or hasattr(ids, "keys") else ids)
 
-    @app.get("/health")
+    @app.get("/health", responses={500: ERROR_RESPONSES[500]})
     async def health():
         return {"status": "ok", "engine": engine.stats(), "adapters": len(bank.names())}
 
-    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.get("/metrics", responses={200: TEXT_RESPONSE, 500: ERROR_RESPONSES[500]})
     async def prometheus():
         return Response(metrics.render(), media_type="text/plain; version=0.0.4; charset=utf-8")
 
@@ -252,7 +255,7 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
                          "version": info.version})
         return {"object": "list", "data": data}
 
-    @v1.post("/completions")
+    @v1.post("/completions", responses=STREAM_RESPONSE)
     async def completions(body: CompletionBody, http: HTTPRequest):
         check_model(body.model, http)
         p = body.prompt
@@ -288,7 +291,7 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": usage_of(done)}
 
-    @v1.post("/chat/completions")
+    @v1.post("/chat/completions", responses=STREAM_RESPONSE)
     async def chat(body: ChatBody, http: HTTPRequest):
         check_model(body.model, http)
         if tokenizer is None or not getattr(tokenizer, "chat_template", None):
@@ -355,17 +358,17 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
         unload_adapter(name)
         return {"object": "adapter", "name": name, "deleted": True}
 
-    @v1.post("/load_lora_adapter", response_class=PlainTextResponse)
+    @v1.post("/load_lora_adapter", responses={200: TEXT_RESPONSE})
     async def load_lora(body: LoraLoadBody):
         """vLLM's route: the same load, vLLM's plain-text answer."""
         await load_adapter(body.lora_name, body.lora_path)
-        return f"Success: LoRA adapter '{body.lora_name}' added successfully."
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' added successfully.")
 
-    @v1.post("/unload_lora_adapter", response_class=PlainTextResponse)
+    @v1.post("/unload_lora_adapter", responses={200: TEXT_RESPONSE})
     async def unload_lora(body: LoraUnloadBody):
         """vLLM's route: the same unload, vLLM's plain-text answer."""
         unload_adapter(body.lora_name)
-        return f"Success: LoRA adapter '{body.lora_name}' removed successfully."
+        return PlainTextResponse(f"Success: LoRA adapter '{body.lora_name}' removed successfully.")
 
     app.include_router(v1)
     return app
