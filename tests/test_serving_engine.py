@@ -11,8 +11,7 @@ from _serving_tiny import EOS, alone, random_vera, tiny, word_tokenizer
 
 import vera_jax
 from vera_jax.models import generate
-from vera_jax.serving import BASE, AdapterBank
-from vera_jax.serving.engine import Engine, Request, RequestError, TokenLogprob
+from vera_jax.serving import BASE, AdapterBank, Engine, Request, RequestError, TokenLogprob
 
 ADAPTERS = {"a": (("query", "value"), 0, 8), "b": (("value",), 3, 8), "c": (("query", "value"), 0, 4)}
 
