@@ -39,7 +39,9 @@ from vera_jax.serving.server import create_app
 MC_TASK, GEN_TASK = "vera_mc", "vera_gen"
 MAX_GEN_TOKS = 8
 
-# Short English items for a real model: (question, choices, answer index) and (prompt, answer).
+# Short English items for a real model: (question, choices, answer index) and (prompt, answer); the
+# generation prompts start with one worked example (ONE_SHOT) so that a small model answers in kind.
+ONE_SHOT = "Q: What is the capital of Spain?\nA: Madrid\n"
 MC_DOCS = [
     ("The capital of France is", ["Paris", "London", "Berlin", "Madrid"], 0),
     ("The opposite of hot is", ["cold", "green", "fast", "loud"], 0),
@@ -54,7 +56,7 @@ MC_DOCS = [
     ("A year has twelve", ["months", "days", "weeks", "hours"], 0),
     ("People read books with their", ["eyes", "feet", "elbows", "knees"], 0),
 ]
-GEN_DOCS = [
+GEN_DOCS = [(ONE_SHOT + q, a) for q, a in [
     ("Q: What is the capital of Italy?\nA:", " Rome"),
     ("Q: What is 3 + 4?\nA:", " 7"),
     ("Q: What color is grass?\nA:", " Green"),
@@ -67,7 +69,7 @@ GEN_DOCS = [
     ("Q: How many days are in a week?\nA:", " 7"),
     ("Q: What is frozen water called?\nA:", " Ice"),
     ("Q: What is 5 x 2?\nA:", " 10"),
-]
+]]
 
 
 def smollm2_file() -> str | None:
@@ -96,7 +98,7 @@ def write_tasks(directory: Path, mc_docs, gen_docs) -> None:
         f"task: {GEN_TASK}\n{common}dataset_kwargs:\n  data_files: {json.dumps(str(directory / 'gen.jsonl'))}\n"
         "output_type: generate_until\ndoc_to_text: '{{question}}'\ndoc_to_target: '{{answer}}'\n"
         "target_delimiter: ''\n"
-        f"generation_kwargs:\n  until: ['\\n']\n  max_gen_toks: {MAX_GEN_TOKS}\n  do_sample: false\n"
+        f"generation_kwargs:\n  until: [\"\\n\"]\n  max_gen_toks: {MAX_GEN_TOKS}\n  do_sample: false\n"
         "metric_list:\n  - metric: exact_match\n")
 
 
