@@ -5,7 +5,7 @@ the server needs fastapi, uvicorn and prometheus-client, imported only by its mo
 
 from vera_jax.serving.bank import BASE, AdapterBank, AdapterInfo, AdapterRefused, AdapterUnloaded, rows_for
 from vera_jax.serving.batched import BankDecoder
-from vera_jax.serving.engine import Completion, Engine, Request, RequestError
+from vera_jax.serving.engine import MAX_TOP_LOGPROBS, Completion, Engine, Request, RequestError, TokenLogprob
 
-__all__ = ["BASE", "AdapterBank", "AdapterInfo", "AdapterRefused", "AdapterUnloaded", "BankDecoder", "Completion",
-           "Engine", "Request", "RequestError", "rows_for"]
+__all__ = ["BASE", "MAX_TOP_LOGPROBS", "AdapterBank", "AdapterInfo", "AdapterRefused", "AdapterUnloaded", "BankDecoder",
+           "Completion", "Engine", "Request", "RequestError", "TokenLogprob", "rows_for"]

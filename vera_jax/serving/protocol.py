@@ -17,6 +17,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, StrictInt
 from pydantic_core import PydanticCustomError
 
 from vera_jax.serving.bank import AdapterUnloaded
+from vera_jax.serving.logprobs import MAX_CHAT_TOP_LOGPROBS, MAX_COMPLETION_LOGPROBS
 
 
 def _unicode(text: str) -> str:
@@ -43,7 +44,7 @@ class SamplingBody(_Strict):
     """Fields that completions and chat share."""
 
     model: Text
-    max_tokens: StrictInt | None = Field(default=None, ge=1)
+    max_tokens: StrictInt | None = Field(default=None, ge=0)   # 0 only with echo (`unsupported`)
     temperature: float = Field(default=1.0, ge=0.0, le=100.0)
     top_p: float = Field(default=1.0, gt=0.0, le=1.0)
     seed: StrictInt | None = Field(default=None, ge=0, lt=2**32)
@@ -69,6 +70,8 @@ class SamplingBody(_Strict):
             return f"response_format: {self.response_format.get('type')!r} is not supported; only 'text'"
         if self.tools:
             return "tools: tool calls are not supported"
+        if self.max_tokens == 0 and not getattr(self, "echo", False):
+            return "max_tokens: 0 is allowed only with echo=true (/v1/completions); expected >= 1"
         return None
 
 
@@ -76,12 +79,18 @@ class CompletionBody(SamplingBody):
     prompt: Union[Text, list[StrictInt], list[Text], list[list[StrictInt]]]
     best_of: StrictInt | None = Field(default=None, ge=1)
     suffix: Text | None = None
+    logprobs: StrictInt | None = None   # 0..MAX_COMPLETION_LOGPROBS alternatives per token (legacy format)
+    echo: bool = False                  # the prompt (and with logprobs, its tokens' logprobs) comes first
 
     def unsupported(self) -> str | None:
         if self.best_of not in (None, 1):
             return f"best_of: {self.best_of} is not supported; only 1"
         if self.suffix:
             return "suffix: not supported"
+        if self.logprobs is not None and not 0 <= self.logprobs <= MAX_COMPLETION_LOGPROBS:
+            return f"logprobs: {self.logprobs}; expected 0 to {MAX_COMPLETION_LOGPROBS} alternatives per token"
+        if self.stream and (self.logprobs is not None or self.echo):
+            return f"{'logprobs' if self.logprobs is not None else 'echo'}: not available with stream=true"
         return super().unsupported()
 
 
@@ -92,6 +101,18 @@ class ChatMessage(_Strict):
 
 class ChatBody(SamplingBody):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: StrictInt | None = None   # 0..MAX_CHAT_TOP_LOGPROBS, with logprobs=true
+
+    def unsupported(self) -> str | None:
+        if self.top_logprobs is not None:
+            if not 0 <= self.top_logprobs <= MAX_CHAT_TOP_LOGPROBS:
+                return f"top_logprobs: {self.top_logprobs}; expected 0 to {MAX_CHAT_TOP_LOGPROBS}"
+            if not self.logprobs:
+                return "top_logprobs: needs logprobs=true"
+        if self.stream and self.logprobs:
+            return "logprobs: not available with stream=true"
+        return super().unsupported()
 
 
 class AdapterBody(_Strict):

@@ -24,6 +24,11 @@ a request over the limits (prompt characters, prompts per request) are 400; a bo
 reason. A client that goes away cancels its requests, streamed or not. Each choice also carries
 `token_ids` (an extension, as vLLM's `return_token_ids`).
 
+Logprobs (logprobs.py): completions take `logprobs` (0-5) and `echo` (the prompt first; with
+`logprobs`, its tokens' logprobs too, the first null; `max_tokens: 0` then scores the prompt
+only) in OpenAI's legacy format; chat takes `logprobs: true` and `top_logprobs` (0-20) in the chat
+format. Values are log-softmax of the raw logits (before temperature/top-p). Not with `stream`.
+
 Streaming (`stream: true`) answers `text/event-stream` as OpenAI and vLLM do: `data: {chunk}` events
 (`text_completion` chunks with `choices[i].text` deltas, or `chat.completion.chunk` with
 `choices[0].delta`, the first carrying the role), a chunk with each choice's `finish_reason`, a
@@ -59,6 +64,7 @@ try:
 except ModuleNotFoundError as e:
     raise missing("serving", e) from e
 
+from vera_jax.serving import logprobs
 from vera_jax.serving.bank import BASE, AdapterBank
 from vera_jax.serving.engine import Engine, Request, RequestError
 from vera_jax.serving.metrics import CLIENT_GONE, Guard, Metrics
@@ -152,10 +158,20 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
         stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
         if stop and tokenizer is None:
             raise APIError(400, "stop: stop strings need the checkpoint's tokenizer", "stop")
+        if isinstance(body, ChatBody):
+            logprobs = (body.top_logprobs or 0) if body.logprobs else None
+            prompt_logprobs = None
+        else:
+            logprobs = body.logprobs
+            prompt_logprobs = (logprobs if logprobs is not None else 0 if body.max_tokens == 0 else None
+                               ) if body.echo else None
         out = []
         for ids in prompts:
-            max_tokens = body.max_tokens or min(default_max_tokens, max(engine.max_length - len(ids), 1))
-            out.append(Request(ids, body.model, max_tokens, body.temperature, body.top_p, body.seed, stop))
+            max_tokens = body.max_tokens
+            if max_tokens is None:
+                max_tokens = min(default_max_tokens, max(engine.max_length - len(ids), 1))
+            out.append(Request(ids, body.model, max_tokens, body.temperature, body.top_p, body.seed, stop,
+                               logprobs, prompt_logprobs))
         return out
 
     def check_body(body: SamplingBody, texts: list[str], prompts: int) -> None:
@@ -271,8 +287,18 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
                 return {"index": i, "text": text, "logprobs": None, "finish_reason": finish, "token_ids": ids}
             return stream_response(engine, body, requests, lambda rs, on_token: submit(http, rs, on_token), chunk)
         done = await run(http, requests)
-        choices = [{"index": i, "text": c.text or "", "finish_reason": c.finish_reason, "logprobs": None,
-                    "token_ids": c.token_ids} for i, c in enumerate(done)]
+        choices = []
+        for i, (c, ids) in enumerate(zip(done, prompts)):
+            text = c.text or ""
+            if body.echo:
+                echoed = texts[i] if texts else "" if tokenizer is None else tokenizer.decode(ids)
+                text = echoed + text
+            lp = None
+            if body.logprobs is not None:
+                lp = logprobs.legacy(tokenizer, (ids if body.echo else []) + c.token_ids,
+                                     (c.prompt_logprobs if body.echo else []) + c.logprobs)
+            choices.append({"index": i, "text": text, "finish_reason": c.finish_reason, "logprobs": lp,
+                            "token_ids": c.token_ids})
         return {"id": f"cmpl-{uuid.uuid4().hex}", "object": "text_completion", "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": usage_of(done)}
 
@@ -291,8 +317,9 @@ def create_app(engine: Engine, bank: AdapterBank, *, default_max_tokens: int = 1
                 return {"index": i, "delta": delta, "logprobs": None, "finish_reason": finish, "token_ids": ids}
             return stream_response(engine, body, requests, lambda rs, on_token: submit(http, rs, on_token), chunk)
         done = await run(http, requests)
+        lp = logprobs.chat(tokenizer, done[0].logprobs) if body.logprobs else None
         choices = [{"index": 0, "message": {"role": "assistant", "content": done[0].text or ""},
-                    "finish_reason": done[0].finish_reason, "logprobs": None, "token_ids": done[0].token_ids}]
+                    "finish_reason": done[0].finish_reason, "logprobs": lp, "token_ids": done[0].token_ids}]
         return {"id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()),
                 "model": body.model, "choices": choices, "usage": usage_of(done)}
 
