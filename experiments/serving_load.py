@@ -44,7 +44,8 @@ def rss_bytes() -> int:
     return -1
 
 
-def build(hidden: int, layers: int, adapters: int, slots: int, max_length: int, workdir: Path):
+def build(hidden: int, layers: int, adapters: int, slots: int, max_length: int, workdir: Path,
+          prefill_batch: int | None = None):
     config = {"model_type": "llama", "architectures": ["LlamaForCausalLM"], "vocab_size": 1000,
               "hidden_size": hidden, "intermediate_size": 2 * hidden, "num_hidden_layers": layers,
               "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": max_length,
@@ -60,7 +61,7 @@ def build(hidden: int, layers: int, adapters: int, slots: int, max_length: int, 
             tree, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
         vera_jax.save_adapter(workdir / f"a{i}", adapted)
         bank.load(f"a{i}", workdir / f"a{i}")
-    engine = Engine(model, bank, slots=slots, max_length=max_length)
+    engine = Engine(model, bank, slots=slots, max_length=max_length, prefill_batch=prefill_batch)
     return create_app(engine, bank), engine, bank
 
 
@@ -108,14 +109,14 @@ def level(client, url, jobs, concurrency, deadline) -> dict:
             "tokens_per_s": tokens / wall, "requests_per_s": len(results) / wall}
 
 
-def run(requests, concurrency, adapters, slots, max_length, hidden, layers, deadline) -> dict:
+def run(requests, concurrency, adapters, slots, max_length, hidden, layers, deadline, prefill_batch=None) -> dict:
     """One server; each level of `concurrency` (an int or a sequence) in turn, on the same --requests jobs."""
     import uvicorn
 
     logging.getLogger("httpx").setLevel(logging.WARNING)
 
     with tempfile.TemporaryDirectory() as tmp:
-        app_, engine, bank = build(hidden, layers, adapters, slots, max_length, Path(tmp))
+        app_, engine, bank = build(hidden, layers, adapters, slots, max_length, Path(tmp), prefill_batch)
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             port = s.getsockname()[1]
@@ -146,6 +147,7 @@ def run(requests, concurrency, adapters, slots, max_length, hidden, layers, dead
         server.should_exit = True
         thread.join(30)
     return {"levels": results, "requests_per_level": requests, "slots": slots, "adapters": adapters,
+            "prefill_batch": engine.stats()["prefill_batch"],
             "server_rss_before_bytes": rss_before, "server_rss_after_bytes": rss_after,
             "compiles_during_load": compiles_during_load, "engine": health["engine"],
             "model": {"family": "llama", "hidden": hidden, "layers": layers, "weights": "random",
@@ -174,6 +176,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, default=64, help="context per slot")
     p.add_argument("--hidden", type=int, default=64, help="model width")
     p.add_argument("--layers", type=int, default=2, help="model depth")
+    p.add_argument("--prefill_batch", type=int, default=None,
+                   help="most prompts per prefill call (default: the slots; 1: one at a time, as before batching)")
     p.add_argument("--deadline", type=float, default=600.0, help="seconds after which no more requests are sent")
     p.add_argument("--json", default=None, help="also write the record here")
     p.add_argument("--markdown", action="store_true", help="also print a table of the levels")
@@ -192,7 +196,8 @@ def _levels(text: str) -> tuple[int, ...]:
 
 def main(argv=None) -> None:
     a = parse_args(argv)
-    record = run(a.requests, a.concurrency, a.adapters, a.slots, a.max_length, a.hidden, a.layers, a.deadline)
+    record = run(a.requests, a.concurrency, a.adapters, a.slots, a.max_length, a.hidden, a.layers, a.deadline,
+                 a.prefill_batch)
     text = json.dumps(record)
     print(text)
     if a.markdown:

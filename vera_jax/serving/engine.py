@@ -327,6 +327,8 @@ class Engine:
                 self._prefill_rows(decoder, structure, arrays, bucket, group[i: i + most])
 
     def _prefill_rows(self, decoder, structure, arrays, bucket: int, group: list[_Active]) -> None:
+        """Prefills `group` (prompts of one bucket) in one call, rows padded to the next compiled count
+        (padding rows write nowhere); then each request's first token, or its end if it asked for none."""
         size = next(n for n in self.prefill_sizes[bucket] if n >= len(group))
         pad = size - len(group)
         prompts = np.zeros((size, bucket), np.int32)
