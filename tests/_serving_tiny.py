@@ -37,9 +37,9 @@ def tiny(name):
     return model, params, config.to_dict()
 
 
-def random_vera(params, targets, seed, r, key):
-    """A VeRA adapter with random d and b, so it changes the outputs."""
-    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=r, targets=targets, seed=seed))
+def random_vera(params, targets, seed, r, key, **fields):
+    """A VeRA adapter with random d and b, so it changes the outputs (`fields`: more VeraConfig fields)."""
+    adapted = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=r, targets=targets, seed=seed, **fields))
     leaves, treedef = jax.tree.flatten(adapted.adapter)
     keys = jax.random.split(jax.random.key(key), len(leaves))
     return adapted.replace(adapter=jax.tree.unflatten(

@@ -136,3 +136,26 @@ def test_ten_thousand_adapters_are_resident_at_once_and_each_row_gets_its_own():
         one = params if name == BASE else vera_jax.merge(adapters[name])
         alone = np.asarray(generate.greedy(model, one, ids[i:i + 1], mask[i:i + 1], NEW, None, PAD))
         np.testing.assert_array_equal(got[i], alone[0], err_msg=name)
+
+
+def test_per_shape_adapters_batch_in_their_own_group_and_match_each_merged_alone():
+    """projections="per_shape": one A/B per kernel shape (query, value and down differ here); the
+    group keeps those pairs once and every row still equals its adapter merged and run alone."""
+    model, params, _ = tiny("llama")
+    bank = AdapterBank(params)
+    targets = ("query", "value", "down")
+    adapters = {name: random_vera(params, targets, 0, 4, key=k, projections="per_shape")
+                for name, k in (("p", 1), ("q", 2))}
+    adapters["s"] = random_vera(params, targets, 0, 4, key=3)        # shared projections: another group
+    bank.add_many(adapters)
+    assert bank.info("p").group == bank.info("q").group != bank.info("s").group
+    assert len(adapters["p"].projections) >= 2                          # several shapes, one pair each
+    names = ["p", BASE, "s", "q"]
+    ids, mask = prompts(len(names))
+    structure, arrays = bank.snapshot()
+    rows = rows_for(structure, [bank.pin(n) for n in names])
+    got = np.asarray(generate.greedy(BankDecoder(model, structure), arrays, ids, mask, NEW, None, PAD, rows=rows))
+    for i, name in enumerate(names):
+        one = params if name == BASE else vera_jax.merge(adapters[name])
+        alone = np.asarray(generate.greedy(model, one, ids[i:i + 1], mask[i:i + 1], NEW, None, PAD))
+        np.testing.assert_array_equal(got[i], alone[0], err_msg=name)

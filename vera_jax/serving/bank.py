@@ -10,12 +10,13 @@ matmuls per layer for every row, whatever the mix of adapters. Layers of a group
 of its adapters' layers; an adapter has zero vectors on the layers it does not adapt.
 
 Supported: methods whose registry record has a `bank` hook (VeRA) with shared projections (the
-default); each distinct fingerprint is its own group. Refused, with the reason naming the method
-or field: LoRA, DVoRA, head-only, full fine-tuning and registered methods without `bank`
-(per-adapter matrices or scales, not two vectors), adapters that train base leaves
-(`trainable_extra`: a per-adapter head would need a per-row base), unshared or per-shape
-projections (`share_projections=False`, `projections="per_shape"`: the batched forward slices one
-shared pair per group), and anything
+default: one pair sliced per layer) or per-shape projections (`projections="per_shape"`: one pair
+per kernel shape, which the group keeps once as the adapter file rebuilds it); each distinct
+fingerprint is its own group. Refused, with the reason naming the method or field: LoRA, DVoRA,
+head-only, full fine-tuning and registered methods without `bank` (per-adapter matrices or scales,
+not two vectors), adapters that train base leaves (`trainable_extra`: a per-adapter head would need
+a per-row base), per-layer projections (`share_projections=False`: a pair per layer and adapter,
+nothing for a group to share), and anything
 `load_adapter` / `load_peft_adapter` refuses (other layers or shapes than the base, a projection
 fingerprint that differs from the file's).
 
@@ -33,6 +34,7 @@ import threading
 from pathlib import Path
 from typing import Any, Mapping
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -77,7 +79,7 @@ class AdapterInfo:
 class _Group:
     key: str
     r: int
-    projections: dict            # {"A": (r, in_max), "B": (out_max, r)} float32, on device
+    projections: dict            # the adapters' A/B, float32 on device: {"A", "B"} or {"<in>x<out>": {"A", "B"}}
     layers: tuple[LayerSpec, ...]
     d: dict                      # layer name -> (capacity, r)
     b: dict                      # layer name -> (capacity, out)
@@ -106,12 +108,12 @@ def _read_format(directory: Path) -> str:
 
 def check_servable(adapted: Adapted, where: str) -> None:
     """Raises AdapterRefused unless the batched forward can serve `adapted`: its method has a
-    registry `bank` hook (two vectors per layer on shared projections: VeRA)."""
+    registry `bank` hook (two vectors per layer on projections the group shares: VeRA)."""
     method = registry.get(adapted.method)
     if method.bank is None:
         servable = [n for n in registry.names() if registry.get(n).bank is not None]
         raise AdapterRefused(f"{where}: method {adapted.method!r} is refused; the bank serves {servable} adapters "
-                             "(two vectors per layer on shared projections)")
+                             "(two vectors per layer on projections the group shares)")
     if adapted.extra:
         extra = list(adapted.config.trainable_extra)
         raise AdapterRefused(f"{where}: it trains base leaves (trainable_extra {extra}); a per-adapter head "
@@ -186,7 +188,7 @@ class AdapterBank:
         for name, adapted in adapters.items():
             self._check_name(name)
             check_servable(adapted, f"adapter {name!r}")
-            pair = (id(adapted.projections["A"]), id(adapted.projections["B"]))
+            pair = tuple(map(id, jax.tree.leaves(adapted.projections)))
             key = memo[pair] if pair in memo else memo.setdefault(pair, fingerprint(adapted.projections))
             bank = registry.get(adapted.method).bank
             vectors = {s.name: tuple(np.asarray(v, np.float32)
@@ -216,8 +218,8 @@ class AdapterBank:
         """`group` (or a new one) with the items' vectors written into free rows."""
         if group is None:
             adapted = items[0][2]
-            a, b = (jnp.asarray(m, jnp.float32) for m in (adapted.projections["A"], adapted.projections["B"]))
-            group = _Group(key, adapted.config.r, {"A": a, "B": b}, (), {}, {}, {}, {}, set())
+            projections = jax.tree.map(lambda m: jnp.asarray(m, jnp.float32), adapted.projections)
+            group = _Group(key, adapted.config.r, projections, (), {}, {}, {}, {}, set())
         group = self._with_layers(group, [s for item in items for s in item[2].layers])
         while len(group.free_rows()) < len(items):
             group = self._grown(group)
@@ -319,14 +321,13 @@ class AdapterBank:
 
     def snapshot(self) -> tuple[tuple, dict]:
         """(structure, arrays) of the current groups, in a fixed order: structure is a tuple of
-        (group key, layers) for `BankDecoder`; arrays is {"base": params, "groups": [{"A", "B",
+        (group key, layers) for `BankDecoder`; arrays is {"base": params, "groups": [{"projections",
         "d", "b"}, ...]}, the decoder's params."""
         with self._lock:
             groups = [self._groups[k] for k in sorted(self._groups)]
             structure = tuple((g.key, g.layers) for g in groups)
             arrays = {"base": self.params,
-                      "groups": [{"A": g.projections["A"], "B": g.projections["B"], "d": dict(g.d), "b": dict(g.b)}
-                                 for g in groups]}
+                      "groups": [{"projections": g.projections, "d": dict(g.d), "b": dict(g.b)} for g in groups]}
             return structure, arrays
 
     def stats(self) -> dict:
@@ -335,7 +336,7 @@ class AdapterBank:
             groups = []
             for g in self._groups.values():
                 stacked = sum(x.nbytes for x in (*g.d.values(), *g.b.values()))
-                shared = sum(x.nbytes for x in g.projections.values())
+                shared = sum(x.nbytes for x in jax.tree.leaves(g.projections))
                 groups.append({"group": g.key[:12], "r": g.r, "adapters": len(g.rows), "capacity": g.capacity,
                                "layers": len(g.layers), "projection_bytes": int(shared), "stacked_bytes": int(stacked)})
             return {"adapters": len(self._info), "groups": groups,

@@ -23,6 +23,7 @@ import flax.linen as nn
 import jax.numpy as jnp
 
 from vera_jax.adapters.hooks import LayerCall, layer_hooks
+from vera_jax.adapters.projections import shape_key
 from vera_jax.quant import maybe_dequantized
 
 
@@ -33,6 +34,15 @@ def per_row_term(x, a, b_proj, d, b, ids):
     rows_d = d[ids].reshape((ids.shape[0],) + (1,) * len(lead) + (d.shape[-1],))
     rows_b = b[ids].reshape((ids.shape[0],) + (1,) * len(lead) + (b.shape[-1],))
     return ((x @ a.T) * rows_d) @ b_proj.T * rows_b
+
+
+def _layer_pair(projections: dict, spec) -> tuple:
+    """A_l (r, in), B_l (out, r) from a group's projections: the shared pair sliced to the layer,
+    or the pair of the layer's kernel shape (`projections="per_shape"`)."""
+    if "A" in projections:
+        return projections["A"][:, : spec.in_features], projections["B"][: spec.out_features, :]
+    own = projections[shape_key(spec)]
+    return own["A"], own["B"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,7 +86,7 @@ class BankDecoder:
             ids = rows[:, g]
             for spec in layers:
                 terms.setdefault(spec.path, []).append((
-                    spec, arrays["A"][:, : spec.in_features], arrays["B"][: spec.out_features, :],
-                    arrays["d"][spec.name], arrays["b"][spec.name], ids))
+                    spec, *_layer_pair(arrays["projections"], spec), arrays["d"][spec.name], arrays["b"][spec.name],
+                    ids))
         return terms
 

@@ -113,10 +113,8 @@ def peft_refuse(config):
 def bank_refuse(adapted):
     config = adapted.config
     if not config.share_projections:
-        return "share_projections=False gives each layer its own A/B; the bank batches adapters on one shared pair"
-    if config.projections != "shared":
-        return (f"projections={config.projections!r} (one A/B per kernel shape) is not served; the bank batches "
-                "adapters on one shared pair sliced per layer")
+        return ("share_projections=False gives each layer its own A/B; the bank batches adapters on projections "
+                "the group shares (one pair, or one per kernel shape)")
     return None
 
 
