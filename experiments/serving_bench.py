@@ -165,7 +165,8 @@ def run(layers, batch, context, adapters, vera_ranks, lora_r, lora_adapters, tar
         first = None
         for n in adapters:
             k = jax.random.fold_in(key, n * 7919 + r)
-            group = {"A": jax.random.normal(k, (r, in_max)) * 0.03, "B": jax.random.normal(k, (out_max, r)) * 0.03,
+            group = {"projections": {"A": jax.random.normal(k, (r, in_max)) * 0.03,
+                                     "B": jax.random.normal(k, (out_max, r)) * 0.03},
                      "d": {s.name: jax.random.normal(jax.random.fold_in(k, i), (n + 1, r))
                            for i, s in enumerate(specs)},
                      "b": {s.name: jax.random.normal(jax.random.fold_in(k, 99 + i), (n + 1, s.out_features)) * 0.01
