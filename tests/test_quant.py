@@ -216,8 +216,8 @@ def test_auto_factors_quantized_layers(monkeypatch):
     model, params, _ = tiny_llama()
     assert vera_jax.choose_path(512, 64, 64, 256) == "merged"
     merged = []
-    real = factored.layer_delta
-    monkeypatch.setattr(factored, "layer_delta", lambda a, s, *dtype: merged.append(s.name) or real(a, s, *dtype))
+    real = factored.merged_kernel
+    monkeypatch.setattr(factored, "merged_kernel", lambda a, s, *rest: merged.append(s.name) or real(a, s, *rest))
     ids = jnp.asarray(tokens(64))  # 64 x 8 = 512 tokens
     config = vera_jax.VeraConfig(r=256, targets=("query",), b_initial=1e-3)
     y_float = vera_jax.apply_adapted(model, vera_jax.apply_vera(params, config), ids, path="auto")
@@ -261,6 +261,8 @@ def runner_config(quantize: str, path="factored", method="vera"):
     c.model.overrides = ml_collections.ConfigDict({k: v for k, v in TINY.items() if k != "max_position_embeddings"})
     c.model.quantize = quantize
     c.adapter_path = path
+    c.vera = runner.method_config(vera_jax.VeraConfig, r=8)      # what a family's config declares
+    c.lr = ml_collections.ConfigDict({"vera": 1e-2, "head": 1e-3, "full": 1e-5})
     return c
 
 

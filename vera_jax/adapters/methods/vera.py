@@ -102,12 +102,14 @@ def label(config, leaf: str):
 
 def peft_refuse(config):
     if not config.share_projections:
-        return (f"{type(config).__name__}.share_projections=False gives each layer its own A/B; "
-                "PEFT's VeRA shares one pair")
-    if config.projections != "shared":
-        return (f"{type(config).__name__}.projections={config.projections!r} gives each kernel shape its own A/B; "
-                "PEFT's VeRA slices one shared pair")
-    return None
+        why = (f"{type(config).__name__}.share_projections=False gives each layer its own A/B; "
+               "PEFT's VeRA shares one pair")
+    elif config.projections != "shared":
+        why = (f"{type(config).__name__}.projections={config.projections!r} gives each kernel shape its own A/B; "
+               "PEFT's VeRA slices one shared pair")
+    else:
+        return None
+    return why + "; as_lora=True writes it as the LoRA it exactly is"
 
 
 def bank_refuse(adapted):
