@@ -136,8 +136,13 @@ def test_configs_carry_the_paper_settings():
     from vera_jax.tasks import runner
 
     assert runner.runnable_methods(gpt2_medium_e2e.get_config()) == ["full", "lora", "vera"]  # no head to train
-    with pytest.raises(runner.ConfigError, match=r"method: expected one of \['full', 'lora', 'vera'\], got 'head'"):
+    with pytest.raises(runner.ConfigError, match=r"method: 'head' needs modules to train in model.head, which is "
+                                                 r"empty; this config runs \['full', 'lora', 'vera'\]"):
         runner._validate(gpt2_medium_e2e.get_config("method=head"))
+    with pytest.raises(runner.ConfigError, match=r"method: expected one of \['full', 'lora', 'vera'\], got 'dora'"):
+        runner._validate(gpt2_medium_e2e.get_config("method=dora"))
+    with pytest.raises(runner.ConfigError, match=r"method: 'dvora' needs a section config.dvora \(the DVoraConfig"):
+        runner._validate(gpt2_medium_e2e.get_config("method=dvora"))
 
 
 def test_offline_training_exits_within_seconds_saying_what_to_do(tmp_path):

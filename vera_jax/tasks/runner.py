@@ -92,11 +92,18 @@ def runnable_methods(config) -> list[str]:
 
 
 def _method(config) -> vera_jax.Method:
-    """The registered method `config.method` names; ConfigError listing those this config can run."""
+    """The registered method `config.method` names; ConfigError listing those this config can run,
+    and what a registered one lacks here."""
     allowed = runnable_methods(config)
-    if config.method not in allowed:
+    if config.method not in registry.names():
         raise ConfigError(f"method: expected one of {allowed}, got {config.method!r}")
-    return vera_jax.get_method(config.method)
+    method = vera_jax.get_method(config.method)
+    if config.method not in allowed:
+        needs = (f"a section config.{config.method} (the {method.config_class.__name__} fields, e.g. "
+                 f"runner.method_config({method.config_class.__name__}, r=...)) and a rate lr.{config.method}"
+                 if method.adapts_layers else "modules to train in model.head, which is empty")
+        raise ConfigError(f"method: {config.method!r} needs {needs}; this config runs {allowed}")
+    return method
 
 
 def attach(params, config) -> vera_jax.Adapted:
@@ -105,12 +112,7 @@ def attach(params, config) -> vera_jax.Adapted:
     has a seed; the modules of config.model.head always train."""
     method = _method(config)
     cls = method.config_class
-    section = {}
-    if method.adapts_layers:
-        if config.method not in config:
-            raise ConfigError(f"{config.method}: this config has no section config.{config.method} (the "
-                              f"{cls.__name__} fields; e.g. runner.method_config({cls.__name__}, r=...))")
-        section = config[config.method]
+    section = config[config.method] if method.adapts_layers else {}
     fields = {k: (tuple(v) if isinstance(v, list) else v) for k, v in section.items()}
     fields["trainable_extra"] = tuple(config.model.head)
     if "seed" in cls.field_names():
