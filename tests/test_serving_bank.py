@@ -45,6 +45,23 @@ def prompts(batch, length=5):
     return ids, mask
 
 
+def assert_rows_match_merged_alone(model, params, adapters, bank, names):
+    """One batched greedy decode over `names` (adapters of `bank` or BASE) equals each row's adapter
+    merged and decoded alone; returns the batched tokens."""
+    ids, mask = prompts(len(names))
+    structure, arrays = bank.snapshot()
+    refs = [bank.pin(n) for n in names]
+    got = np.asarray(generate.greedy(BankDecoder(model, structure), arrays, ids, mask, NEW, None, PAD,
+                                     rows=rows_for(structure, refs)))
+    for ref in refs:
+        bank.unpin(ref)
+    for i, name in enumerate(names):
+        one = params if name == BASE else vera_jax.merge(adapters[name])
+        alone = np.asarray(generate.greedy(model, one, ids[i:i + 1], mask[i:i + 1], NEW, None, PAD))
+        np.testing.assert_array_equal(got[i], alone[0], err_msg=name)
+    return got, ids, mask
+
+
 def test_groups_follow_the_projection_fingerprint(served):
     _, _, adapters, bank, family = served
     groups = {n: bank.info(n).group for n in ADAPTERS}
@@ -61,18 +78,8 @@ def test_groups_follow_the_projection_fingerprint(served):
 def test_mixed_batch_is_token_identical_to_each_adapter_merged_alone(served):
     model, params, adapters, bank, _ = served
     names = ["a", BASE, "b", "c", "d", "a", BASE]
-    ids, mask = prompts(len(names))
-    structure, arrays = bank.snapshot()
-    refs = [bank.pin(n) for n in names]
-    rows = rows_for(structure, refs)
-    got = np.asarray(generate.greedy(BankDecoder(model, structure), arrays, ids, mask, NEW, None, PAD, rows=rows))
-    for ref in refs:
-        bank.unpin(ref)
+    got, ids, mask = assert_rows_match_merged_alone(model, params, adapters, bank, names)
     base = np.asarray(generate.greedy(model, params, ids, mask, NEW, None, PAD))
-    for i, name in enumerate(names):
-        one = params if name == BASE else vera_jax.merge(adapters[name])
-        alone = np.asarray(generate.greedy(model, one, ids[i:i + 1], mask[i:i + 1], NEW, None, PAD))
-        np.testing.assert_array_equal(got[i], alone[0], err_msg=name)
     assert sum(not np.array_equal(got[i], base[i]) for i, n in enumerate(names) if n != BASE) >= 3
 
 
@@ -127,15 +134,7 @@ def test_ten_thousand_adapters_are_resident_at_once_and_each_row_gets_its_own():
     stats = bank.stats()
     assert stats["adapters"] == 10_000 and len(stats["groups"]) == 1 and stats["groups"][0]["capacity"] == 16_384
     assert set(stats["bytes_per_adapter"].values()) == {2 * (4 + 16) * 4}      # 2 layers of value (16 wide)
-    names = ["x0", BASE, "x5000", "x9999"]
-    ids, mask = prompts(len(names))
-    structure, arrays = bank.snapshot()
-    rows = rows_for(structure, [bank.pin(n) for n in names])
-    got = np.asarray(generate.greedy(BankDecoder(model, structure), arrays, ids, mask, NEW, None, PAD, rows=rows))
-    for i, name in enumerate(names):
-        one = params if name == BASE else vera_jax.merge(adapters[name])
-        alone = np.asarray(generate.greedy(model, one, ids[i:i + 1], mask[i:i + 1], NEW, None, PAD))
-        np.testing.assert_array_equal(got[i], alone[0], err_msg=name)
+    assert_rows_match_merged_alone(model, params, adapters, bank, ["x0", BASE, "x5000", "x9999"])
 
 
 def test_per_shape_adapters_batch_in_their_own_group_and_match_each_merged_alone():
@@ -150,12 +149,4 @@ def test_per_shape_adapters_batch_in_their_own_group_and_match_each_merged_alone
     bank.add_many(adapters)
     assert bank.info("p").group == bank.info("q").group != bank.info("s").group
     assert len(adapters["p"].projections) >= 2                          # several shapes, one pair each
-    names = ["p", BASE, "s", "q"]
-    ids, mask = prompts(len(names))
-    structure, arrays = bank.snapshot()
-    rows = rows_for(structure, [bank.pin(n) for n in names])
-    got = np.asarray(generate.greedy(BankDecoder(model, structure), arrays, ids, mask, NEW, None, PAD, rows=rows))
-    for i, name in enumerate(names):
-        one = params if name == BASE else vera_jax.merge(adapters[name])
-        alone = np.asarray(generate.greedy(model, one, ids[i:i + 1], mask[i:i + 1], NEW, None, PAD))
-        np.testing.assert_array_equal(got[i], alone[0], err_msg=name)
+    assert_rows_match_merged_alone(model, params, adapters, bank, ["p", BASE, "s", "q"])

@@ -1,15 +1,10 @@
 """Logprobs through HTTP as OpenAI defines them, checked with the official client against the model's own
 log-softmax: completions' legacy format with echo (also max_tokens 0), chat's format, and the limits."""
 
-import socket
-import threading
-import time
-
 import jax
 import numpy as np
 import pytest
-import uvicorn
-from _serving_tiny import random_vera, tiny, word_tokenizer
+from _serving_tiny import live_server, random_vera, tiny, word_tokenizer
 
 import vera_jax
 from vera_jax.serving import AdapterBank, Engine
@@ -26,21 +21,9 @@ def served():
     bank = AdapterBank(params, hf_config)
     bank.add("a", adapted)
     engine = Engine(model, bank, slots=2, max_length=32, tokenizer=word_tokenizer())
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    server = uvicorn.Server(uvicorn.Config(create_app(engine, bank), host="127.0.0.1", port=port,
-                                           log_level="warning"))
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    deadline = time.time() + 60
-    while not server.started:
-        assert time.time() < deadline and thread.is_alive(), "the server did not start"
-        time.sleep(0.05)
-    client = openai.OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="unused", max_retries=0, timeout=120)
-    yield client, model, {"base": params, "a": vera_jax.merge(adapted)}
-    server.should_exit = True
-    thread.join(30)
+    with live_server(create_app(engine, bank)) as url:
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=120)
+        yield client, model, {"base": params, "a": vera_jax.merge(adapted)}
 
 
 def log_softmax(model, params, ids):
