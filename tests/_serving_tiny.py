@@ -17,6 +17,7 @@ import vera_jax
 from vera_jax.models import generate, gpt2, llama
 
 EOS = 2
+ALONE_TOKENS = 12
 FAMILIES = {
     "gpt2": (gpt2, transformers.GPT2Config(
         n_embd=32, n_layer=2, n_head=4, vocab_size=100, n_positions=64, initializer_range=0.3,
@@ -72,8 +73,12 @@ def save_checkpoint(directory, name, params, hf_config) -> None:
 
 
 def alone(model, params, prompt, max_tokens, eos=EOS):
-    """Greedy tokens of one prompt by generate.greedy, cut after the first EOS."""
-    out = np.asarray(generate.greedy(model, params, np.asarray([prompt]), None, max_tokens, eos, 1))[0].tolist()
+    """Greedy tokens of one prompt by generate.greedy, cut after the first EOS. It decodes at least
+    ALONE_TOKENS and keeps the first `max_tokens` (greedy's prefix does not depend on how far it
+    goes), so the references compile once per prompt length, not per (length, max_tokens)."""
+    steps = max(max_tokens, ALONE_TOKENS)
+    out = np.asarray(generate.greedy(model, params, np.asarray([prompt]), None, steps, eos, 1))[0].tolist()
+    out = out[:max_tokens]
     return out[: out.index(eos) + 1] if eos in out else out
 
 

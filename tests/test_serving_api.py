@@ -288,8 +288,20 @@ def test_metrics_and_the_access_log_count_requests_and_tokens_without_prompt_tex
     (["--checkpoint", "x", "--port", "70000"], "--port: 70000"),
     (["--checkpoint", "x", "--adapter-root", "/missing"], "--adapter-root: '/missing' is not a directory"),
     (["--slots", "1"], "the following arguments are required: --checkpoint")])
-def test_bad_cli_flags_print_one_line_and_exit_2(flags, message, tmp_path):
+def test_bad_cli_flags_print_one_line_and_exit_2(flags, message, tmp_path, capsys):
+    """main() in this process (a subprocess per case cost ~10 s of imports); the test below runs the
+    real `python -m vera_jax.serving` once."""
+    from vera_jax.serving.__main__ import main
+
     flags = [str(tmp_path) if f == "EMPTY" else f for f in flags]
-    done = subprocess.run([sys.executable, "-m", "vera_jax.serving", *flags], capture_output=True, text=True,
-                          timeout=300)
-    assert done.returncode == 2 and message in done.stderr and done.stderr.count("\n") == 1, done.stderr
+    with pytest.raises(SystemExit) as exit_info:
+        main(flags)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and message in err and err.count("\n") == 1, err
+
+
+def test_the_module_entry_point_prints_one_line_and_exits_2():
+    done = subprocess.run([sys.executable, "-m", "vera_jax.serving", "--checkpoint", "/missing"], capture_output=True,
+                          text=True, timeout=300)
+    assert done.returncode == 2 and "--checkpoint: '/missing' does not exist" in done.stderr, done.stderr
+    assert done.stderr.count("\n") == 1, done.stderr
