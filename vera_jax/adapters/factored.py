@@ -1,5 +1,5 @@
-"""The factored and auto paths: run any linen model on its base params and handle each adapted
-layer where it is called.
+"""The factored and auto paths: run any linen or flax.nnx model on its base params and handle
+each adapted layer where it is called.
 
 Factored: add the method's low-rank term (its registry `term`) to the layer's output, without
 building W0 + delta:
@@ -15,10 +15,9 @@ Quantized kernels (`vera_jax.quant`): every path runs them dequantized per call;
 always factored (never merged into, `merge` refuses), its term computed and added in float32 so
 small updates are not rounded away.
 
-The model is not rewritten: `hooks.layer_hooks` hands each adapted layer's call (found by its
-scope path, its input flattened over the kernel's input axes) to this path. flax.nnx modules are
-plain Python calls that the interception never sees, so an adapter attached to nnx params runs on
-the merged path only (asking for another raises).
+The model is not rewritten: `hooks.layer_hooks` (linen) or `nnx_hooks.layer_hooks` (flax.nnx:
+nnx.Linear, LinearGeneral, Einsum) hands each adapted layer's call (its input flattened over the
+kernel's input axes) to this path, so both share every per-layer rule here.
 """
 
 from __future__ import annotations
@@ -31,6 +30,7 @@ import jax.numpy as jnp
 
 from .. import quant
 from ..tree import get_path, path_str
+from . import nnx_hooks
 from .core import Adapted, dense_kernel, merge, merged_kernel
 from .cost import choose_path
 from .hooks import LayerCall, layer_hooks
@@ -50,11 +50,11 @@ def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax
     return method.term(adapted, spec, get_path(adapted.adapter, spec.path), x)
 
 
-def _rescaled(adapted: Adapted, spec: LayerSpec, module, out: jax.Array, term: jax.Array) -> jax.Array:
+def _rescaled(adapted: Adapted, spec: LayerSpec, own: dict, out: jax.Array, term: jax.Array) -> jax.Array:
     """y = s * (x @ W0 + term) + bias for a method with a per-output `rescale` (DVoRA), s from
-    the merged W0 + delta, all in float32; `out` is the layer's own output (x @ W0 + bias)."""
+    the merged W0 + delta, all in float32; `out` is the layer's own output (x @ W0 + bias) and
+    `own` its params."""
     method = registry.get(adapted.method)
-    own = module.variables["params"]
     w0 = dense_kernel(own["kernel"]).reshape(spec.in_features, spec.out_features)
     vec = get_path(adapted.adapter, spec.path)
     scale = method.rescale(adapted, spec, vec, w0 + method.delta(adapted, spec, vec, jnp.float32))
@@ -88,7 +88,9 @@ def call_adapted(
 ):
     """`fn(params, *args)` on the adapted model, each adapted layer computed by the chosen path.
 
-    fn: any function that runs linen modules on a params tree (a loss, `model.apply`, ...).
+    fn: any function that runs linen modules on a params tree (a loss, `model.apply`, ...), or,
+      for an adapter on nnx params, builds the nnx model from the params it gets
+      (`nnx.merge(graphdef, params, rest)`) and runs it.
     path: "merged" (fn gets W0 + delta), "factored" (fn gets the base params; each adapted
       layer's output gains its low-rank term), or "auto": per layer, the cheaper of the two by
       `cost.choose_path` for the token count that layer actually sees (decided while tracing,
@@ -105,15 +107,10 @@ def call_adapted(
         raise ValueError(f"path: {path!r} is not one of ['auto', 'merged', 'factored']")
     transform = params_transform or (lambda p: p)
     dropout = bool(getattr(adapted.config, "dropout", 0.0)) and dropout_rng is not None
-    if adapted.source == "nnx" and adapted.layers and (path != "merged" or dropout):
-        why = f"path={path!r}" if path != "merged" else "adapter dropout (which needs the factored path)"
-        raise ValueError(
-            f"{why}: this adapter is on flax.nnx params, and the factored and auto paths work by "
-            "flax.linen.intercept_methods, which cannot see nnx module calls. Use path='merged' "
-            "(it works for every model)" + (" and dropout=0 or dropout_rng=None" if dropout else "") + "."
-        )
+    nnx_source = adapted.source == "nnx"
+    dequantized = (nnx_hooks if nnx_source else quant).maybe_dequantized(adapted.base)
     if not adapted.layers or (path == "merged" and not dropout):
-        with quant.maybe_dequantized(adapted.base):
+        with dequantized:
             return fn(transform(merge(adapted, compute_dtype)), *args)
     quantized = quant.quantized_paths(adapted.base)
     rescaled = registry.get(adapted.method).rescale is not None
@@ -123,7 +120,7 @@ def call_adapted(
         spec = call.spec
         seen.add(spec.path)
         if layer_path(adapted, spec, call.tokens, path, train, quantized, dropout) == "merged":
-            w0 = call.module.variables["params"]["kernel"]
+            w0 = call.params["kernel"]
             narrow = compute_dtype if compute_dtype is not None else w0.dtype
             flat = w0.reshape(spec.in_features, spec.out_features)
             return call.run_with(kernel=merged_kernel(adapted, spec, flat, narrow).reshape(w0.shape).astype(w0.dtype))
@@ -133,18 +130,22 @@ def call_adapted(
         if rescaled:
             out = call.run()
             flat = out.reshape(out.shape[: out.ndim - len(spec.kernel_shape) + spec.in_axes] + (spec.out_features,))
-            return _rescaled(adapted, spec, call.module, flat, term).reshape(out.shape).astype(out.dtype)
+            return _rescaled(adapted, spec, call.params, flat, term).reshape(out.shape).astype(out.dtype)
         return call.add(term)
 
-    # flax runs the interceptor entered first outermost: this one, then the dequantizing one
-    with layer_hooks(adapted.layers, hook), quant.maybe_dequantized(adapted.base):
-        result = fn(transform(adapted.base), *args)
+    params = transform(adapted.base)
+    hooks = nnx_hooks.layer_hooks(adapted.layers, params, hook) if nnx_source else layer_hooks(adapted.layers, hook)
+    # the interceptor entered first runs outermost: this one, then the dequantizing one
+    with hooks, dequantized:
+        result = fn(params, *args)
     missing = sorted(path_str(p) for p in {s.path for s in adapted.layers} - seen)
     if missing:
+        needs = ("an nnx.Linear, LinearGeneral or Einsum built by fn from the params it is given "
+                 "(nnx.merge(graphdef, params, rest)) and not inside nnx.scan/vmap" if nnx_source else
+                 "a linen module called once per layer (e.g. nn.Dense)")
         raise ValueError(
             f"path={path!r}: adapted layers never called as a module: {missing}. The factored and "
-            "auto paths need each adapted kernel to belong to a linen module called once per layer "
-            "(e.g. nn.Dense); use path='merged' for other models."
+            f"auto paths need each adapted kernel to belong to {needs}; use path='merged' for other models."
         )
     return result
 
