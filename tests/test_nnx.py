@@ -183,17 +183,25 @@ class LinenBlock(nn.Module):
         return nn.LayerNorm(name="norm")(x + jax.nn.softmax(scores, -1) @ v)
 
 
-class LinenStack(nn.Module):
+class LinenLayers(nn.Module):
     @nn.compact
     def __call__(self, x):
         for i in range(2):
-            x = LinenBlock(name=f"layers_{i}")(x)
-        return nn.Dense(CLASSES, name="classifier")(x.mean(-2))
+            x = LinenBlock(name=str(i))(x)
+        return x
+
+
+class LinenStack(nn.Module):
+    """Stack's linen twin, its blocks named layers/0, layers/1 as the nnx.List's are."""
+
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(CLASSES, name="classifier")(LinenLayers(name="layers")(x).mean(-2))
 
 
 def _linen_params(nnx_params: dict) -> dict:
-    """The nnx Stack's pure dict in the linen twin's layout (layers/0 -> layers_0)."""
-    return {**{f"layers_{i}": block for i, block in nnx_params["layers"].items()},
+    """The nnx Stack's pure dict in the linen twin's layout (integer keys as strings)."""
+    return {"layers": {str(i): block for i, block in nnx_params["layers"].items()},
             "classifier": nnx_params["classifier"]}
 
 
@@ -218,7 +226,7 @@ def _pair(config=CONFIG):
     model = make_model()
     nnx_adapted = _trained(vera_jax.attach(model, config))
     linen_adapted = _trained(vera_jax.attach(_linen_params(nnx_adapted.base), config))
-    assert [s.name for s in linen_adapted.layers] == [s.name.replace("layers/", "layers_") for s in nnx_adapted.layers]
+    assert [s.name for s in linen_adapted.layers] == [s.name for s in nnx_adapted.layers]
     linen_run = lambda params, x: LinenStack().apply({"params": params}, x)  # noqa: E731
     return (nnx_adapted, _nnx_run(model)), (linen_adapted, linen_run)
 
