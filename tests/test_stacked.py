@@ -1,0 +1,160 @@
+"""Stacked (scanned) layers: a kernel with leading layer axes (linen nn.scan over blocks) is
+adapted per layer exactly as its unrolled twin, on every path, or refused when nothing says
+where its layer axes are (issue 20)."""
+
+from __future__ import annotations
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import vera_jax
+
+L, D = 4, 32
+
+
+class Block(nn.Module):
+    """query, value (D -> D) and a residual; the signature nn.scan wants (carry, x) -> (carry, y)."""
+
+    boxed: bool = False
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        init = nn.initializers.lecun_normal()
+        kinit = nn.with_partitioning(init, ("embed", "mlp")) if self.boxed else init
+        h = jnp.tanh(nn.Dense(D, name="query", kernel_init=kinit)(x))
+        h = h + nn.Dense(D, name="value", kernel_init=kinit)(x)
+        return x + h, None
+
+
+def scan(block, length, name, **kw):
+    """`block` scanned over `length` layers, params stacked on axis 0 (named "layers" when boxed)."""
+    meta = {"metadata_params": {nn.PARTITION_NAME: "layers"}} if kw.get("boxed") else {}
+    return nn.scan(block, variable_axes={"params": 0}, split_rngs={"params": True}, length=length,
+                   **meta)(name=name, **kw)
+
+
+class Scanned(nn.Module):
+    boxed: bool = False
+
+    @nn.compact
+    def __call__(self, x):
+        return scan(Block, L, "layers", boxed=self.boxed)(x, None)[0]
+
+
+class Unrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(L):
+            x, _ = Block(name=f"layers_{i}")(x)
+        return x
+
+
+class Pair(nn.Module):
+    """Two blocks scanned: the inner scan of a scan of scans (groups (2) x layers (2))."""
+
+    @nn.compact
+    def __call__(self, x, _=None):
+        return scan(Block, 2, "layers")(x, None)[0], None
+
+
+class Nested(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        return scan(Pair, 2, "groups")(x, None)[0]
+
+
+class PairUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for i in range(2):
+            x, _ = Block(name=f"layers_{i}")(x)
+        return x
+
+
+class NestedUnrolled(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for g in range(2):
+            x = PairUnrolled(name=f"groups_{g}")(x)
+        return x
+
+
+def _x(shape=(2, 3, D), seed=1):
+    return jax.random.normal(jax.random.key(seed), shape)
+
+
+@pytest.fixture(scope="module")
+def models():
+    x = _x()
+    scanned = Scanned().init(jax.random.key(0), x)["params"]
+    twin = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], scanned["layers"]) for i in range(L)}
+    return scanned, twin
+
+
+STACKED = {"stacked_axes": {"layers": 1}}
+
+
+def _close(a, b, tol=1e-5):
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b), strict=True):
+        np.testing.assert_allclose(np.asarray(x), np.asarray(y), rtol=tol, atol=tol)
+
+
+def test_unexplained_stacked_kernel_is_refused_naming_path_shape_and_field(models):
+    scanned, _ = models
+    with pytest.raises(ValueError) as e:
+        vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, targets=("query", "value")))
+    message = str(e.value)
+    assert "\n" not in message
+    assert message.startswith("VeraConfig.stacked_axes: module layers/query has a kernel of shape (4, 32, 32)")
+    with pytest.raises(ValueError, match="LoraConfig.stacked_axes: module layers/query"):
+        vera_jax.apply_lora(scanned, vera_jax.LoraConfig(r=2))
+
+
+def test_declared_layer_axis_gives_per_layer_vectors(models):
+    scanned, _ = models
+    adapted = vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, targets=("query", "value"), **STACKED))
+    assert vera_jax.count_trainable(adapted) == 4 * 2 * (8 + 32) == 320
+    vec = adapted.adapter["layers"]["query"]
+    assert vec["lambda_d"].shape == (L, 8) and vec["lambda_b"].shape == (L, D)
+    spec = adapted.layers[0]
+    assert (spec.layer_shape, spec.in_features, spec.out_features) == ((L,), D, D)
+    lora = vera_jax.apply_lora(scanned, vera_jax.LoraConfig(r=2, **STACKED))
+    assert lora.adapter["layers"]["value"]["lora_A"].shape == (L, 2, D)
+    assert lora.adapter["layers"]["value"]["lora_B"].shape == (L, D, 2)
+    dvora = vera_jax.apply_dvora(scanned, vera_jax.DVoraConfig(r=8, **STACKED))
+    assert dvora.adapter["layers"]["query"]["magnitude"].shape == (L, D)
+
+
+def test_partitioning_metadata_names_the_layer_axis():
+    boxed = Scanned(boxed=True).init(jax.random.key(0), _x())["params"]
+    adapted = vera_jax.apply_vera(boxed, vera_jax.VeraConfig(r=8))
+    assert [s.stack for s in adapted.layers] == [((0, 1),), ((0, 1),)]
+    assert vera_jax.count_trainable(adapted) == 320
+    # another name for the axis is only a layer axis when the config allows it
+    with pytest.raises(ValueError, match="VeraConfig.stacked_axes: module layers/query"):
+        vera_jax.apply_vera(boxed, vera_jax.VeraConfig(r=8, layer_axis_names=("blocks",)))
+
+
+def test_stacking_config_fields_are_validated():
+    with pytest.raises(ValueError, match="VeraConfig.stacked_axes: expected an integer >= 1"):
+        vera_jax.VeraConfig(stacked_axes={"layers": 0})
+    with pytest.raises(ValueError, match="LoraConfig.stacked_axes: expected a mapping"):
+        vera_jax.LoraConfig(stacked_axes=3)
+    with pytest.raises(ValueError, match="VeraConfig.layer_axis_names"):
+        vera_jax.VeraConfig(layer_axis_names=("",))
+    config = vera_jax.VeraConfig(stacked_axes={"groups": 1, "layers": 1})
+    assert vera_jax.VeraConfig.from_dict(config.to_dict()) == config
+
+
+def test_too_many_layer_axes_and_partial_layers_are_refused(models):
+    scanned, _ = models
+    with pytest.raises(ValueError, match=r"stacked_axes: module layers/query has a kernel of shape \(4, 32, 32\); "
+                                         "its 2 layer axes"):
+        vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, stacked_axes={"layers": 2}))
+    with pytest.raises(ValueError, match="layers_to_transform: .* some of the 4 stacked layers of module layers/query"):
+        vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 2], **STACKED))
+    whole = vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 1, 2, 3], **STACKED))
+    assert len(whole.layers) == 2
