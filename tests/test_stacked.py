@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 
 import vera_jax
+from vera_jax.adapters import core
 
 L, D = 4, 32
 
@@ -158,3 +159,135 @@ def test_too_many_layer_axes_and_partial_layers_are_refused(models):
         vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 2], **STACKED))
     whole = vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 1, 2, 3], **STACKED))
     assert len(whole.layers) == 2
+
+
+def _configs():
+    return {
+        "vera": vera_jax.VeraConfig(r=8, **STACKED),
+        "vera_per_layer": vera_jax.VeraConfig(r=8, share_projections=False, **STACKED),
+        "vera_per_shape": vera_jax.VeraConfig(r=8, projections="per_shape", **STACKED),
+        "lora": vera_jax.LoraConfig(r=2, **STACKED),
+        "dvora": vera_jax.DVoraConfig(r=8, **STACKED),
+    }
+
+
+def _perturb(adapted, seed=3):
+    """Nonzero b / lora_B, so every leaf's gradient is nonzero."""
+    leaves, tree = jax.tree.flatten(adapted.adapter)
+    keys = jax.random.split(jax.random.key(seed), len(leaves))
+    return adapted.replace(adapter=jax.tree.unflatten(
+        tree, [x + 0.1 * jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
+
+
+def _loss(model, path, x, **kw):
+    def loss(trainable, frozen):
+        y = vera_jax.apply_adapted(model, vera_jax.combine(trainable, frozen), x, path=path, **kw)
+        return jnp.sum(jnp.sin(y))
+    return loss
+
+
+def _output_and_grads(model, adapted, path, x, **kw):
+    trainable, frozen = vera_jax.partition(adapted)
+    loss = _loss(model, path, x, **kw)
+    return jax.jit(jax.value_and_grad(loss))(trainable, frozen)
+
+
+@pytest.mark.parametrize("method", ["vera", "vera_per_layer", "vera_per_shape", "lora", "dvora"])
+def test_scanned_equals_unrolled_on_every_path(models, method):
+    scanned, twin = models
+    config = _configs()[method]
+    adapted = vera_jax.attach(scanned, config)
+    reference = vera_jax.attach(twin, config)
+    # the twin's attach starts from the same values (LoRA's random A, per-layer A/B included)
+    unstacked = core.unstack(adapted)
+    assert unstacked.layers == reference.layers
+    _close(unstacked.adapter, reference.adapter, 0)
+    _close(unstacked.projections, reference.projections, 0)
+    adapted = _perturb(adapted)
+    twin_adapted = core.unstack(adapted)
+    x = _x()
+    for path in ("merged", "factored", "auto") if method == "vera" else ("merged", "factored"):
+        value, grads = _output_and_grads(Scanned(), adapted, path, x)
+        want_value, want_grads = _output_and_grads(Unrolled(), twin_adapted, path, x)
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+        _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
+
+
+def test_merged_path_forms_all_deltas_in_one_batched_product(models):
+    scanned, _ = models
+    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, **STACKED)))
+    jaxpr = str(jax.make_jaxpr(vera_jax.merge)(adapted))
+    # one batched dot per stacked target (query, value), none per layer
+    assert jaxpr.count("dot_general") == 2
+    assert "dimension_numbers=(([2], [1]), ([0], [0]))" in jaxpr
+
+
+def test_scan_of_scans_equals_its_unrolled_twin():
+    x = _x()
+    params = Nested().init(jax.random.key(0), x)["params"]
+    twin = {f"groups_{g}": {f"layers_{i}": jax.tree.map(lambda a, g=g, i=i: a[g, i], params["groups"]["layers"])
+                            for i in range(2)} for g in range(2)}
+    config = vera_jax.VeraConfig(r=8, stacked_axes={"groups": 1, "layers": 1}, share_projections=False)
+    adapted = _perturb(vera_jax.apply_vera(params, config))
+    assert adapted.adapter["groups"]["layers"]["query"]["lambda_b"].shape == (2, 2, D)
+    reference = vera_jax.apply_vera(twin, config)
+    assert [s.name for s in reference.layers][:3] == ["groups_0/layers_0/query", "groups_0/layers_0/value",
+                                                      "groups_0/layers_1/query"]
+    unstacked = core.unstack(adapted)
+    assert unstacked.layers == reference.layers
+    _close(unstacked.base, twin, 0)
+    for path in ("merged", "factored"):
+        value, grads = _output_and_grads(Nested(), adapted, path, x)
+        want_value, want_grads = _output_and_grads(NestedUnrolled(), unstacked, path, x)
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+        _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
+
+
+def test_adapter_dropout_drops_the_same_inputs_as_the_unrolled_twin(models):
+    scanned, _ = models
+    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, dropout=0.5, **STACKED)))
+    x, rng = _x(), jax.random.key(7)
+    got = vera_jax.apply_adapted(Scanned(), adapted, x, path="merged", dropout_rng=rng)
+    want = vera_jax.apply_adapted(Unrolled(), core.unstack(adapted), x, path="merged", dropout_rng=rng)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+    without = vera_jax.apply_adapted(Scanned(), adapted, x, path="factored")
+    assert float(jnp.abs(got - without).max()) > 1e-3  # dropout did act (and differs per layer)
+
+
+def test_auto_path_counts_every_stacked_layer():
+    one = vera_jax.layer_costs(16, D, D, 8, "vera")
+    four = vera_jax.layer_costs(16, D, D, 8, "vera", layers=L)
+    assert all(four[k] == L * one[k] for k in one)
+    assert vera_jax.choose_path(16, D, D, 8, layers=L) == vera_jax.choose_path(16, D, D, 8)
+
+
+def test_training_a_scanned_model_gives_the_unrolled_twins_adapter(models):
+    import optax
+
+    scanned, twin = models
+    x = _x()
+    target = jnp.cos(x)
+
+    def train(model, adapted, path):
+        trainable, frozen = vera_jax.partition(adapted)
+        tx = optax.adam(1e-2)
+        state = tx.init(trainable)
+
+        @jax.jit
+        def step(trainable, state):
+            def loss(t):
+                y = vera_jax.apply_adapted(model, vera_jax.combine(t, frozen), x, path=path)
+                return jnp.mean((y - target) ** 2)
+            grads = jax.grad(loss)(trainable)
+            updates, state = tx.update(grads, state, trainable)
+            return optax.apply_updates(trainable, updates), state
+
+        for _ in range(3):
+            trainable, state = step(trainable, state)
+        return vera_jax.combine(trainable, frozen)
+
+    config = vera_jax.LoraConfig(r=2, **STACKED)
+    for path in ("merged", "factored"):
+        got = train(Scanned(), vera_jax.apply_lora(scanned, config), path)
+        want = train(Unrolled(), vera_jax.apply_lora(twin, config), path)
+        _close(core.unstack(got).adapter, want.adapter)
