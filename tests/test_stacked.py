@@ -291,3 +291,30 @@ def test_training_a_scanned_model_gives_the_unrolled_twins_adapter(models):
         got = train(Scanned(), vera_jax.apply_lora(scanned, config), path)
         want = train(Unrolled(), vera_jax.apply_lora(twin, config), path)
         _close(core.unstack(got).adapter, want.adapter)
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantized_stacked_base_is_quantized_per_layer_and_trains_as_the_twin(models, method):
+    from vera_jax import quant
+
+    scanned, twin = models
+    q_scanned = quant.quantize_params(scanned, method, stacked_axes={"layers": 1}, block_size=32)
+    q_twin = quant.quantize_params(twin, method, block_size=32)
+    kernel = q_scanned["layers"]["query"]["kernel"]
+    assert kernel.shape == (L, D, D) and kernel.layer_shape == (D, D)
+    # each layer's slice is that layer quantized on its own: the twin's kernel, array for array
+    _close(core.unstack_tree(q_scanned, vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, **STACKED)).layers),
+           q_twin, 0)
+    np.testing.assert_array_equal(kernel.dequantize()[2], q_twin["layers_2"]["query"]["kernel"].dequantize())
+    adapted = _perturb(vera_jax.apply_vera(q_scanned, vera_jax.VeraConfig(r=8, **STACKED)))
+    twin_adapted = core.unstack(adapted)
+    x = _x()
+    with pytest.raises(ValueError, match="quantized kernel"):
+        vera_jax.merge(adapted)
+    for path in ("factored", "auto"):
+        value, grads = _output_and_grads(Scanned(), adapted, path, x)
+        want_value, want_grads = _output_and_grads(Unrolled(), twin_adapted, path, x)
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+        _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
+    with pytest.raises(ValueError, match=r"stacked_axes gives module layers/query \(kernel \(4, 32, 32\)\) 2"):
+        quant.quantize_params(scanned, method, stacked_axes={"layers": 2})

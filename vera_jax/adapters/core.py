@@ -154,7 +154,7 @@ def unstack_tree(tree: dict, layers) -> dict:
             set_path(out, path, leaf)
             continue
         for index, one in spec.layers():
-            set_path(out, one.path + path[len(spec.path):], leaf[index])
+            set_path(out, one.path + path[len(spec.path):], _take(leaf, index))
     return out
 
 

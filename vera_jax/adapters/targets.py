@@ -30,7 +30,7 @@ from typing import Any, Hashable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from ..tree import flatten, matches, path_str
+from ..tree import flatten, matches, path_str, prefix_rules
 
 DEFAULT_LAYER_AXIS_NAMES = ("layers",)
 
@@ -187,16 +187,6 @@ def _metadata_stacks(names: Mapping[tuple, tuple], layer_names: tuple[str, ...],
     return stacks
 
 
-def _rule_stack(module: tuple, rules) -> tuple[tuple[int, int], ...]:
-    points = []
-    for t in range(1, len(module) + 1):
-        name = path_str(module[:t])
-        n = next((n for pattern, n in rules if matches(pattern, name)), 0)
-        if n:
-            points.append((t - 1, n))
-    return tuple(points)
-
-
 def _kept(spec: LayerSpec, config, cls: str) -> bool:
     """layers_to_transform on a layer: kept or not; a stacked kernel is kept whole or refused."""
     keep = config.layers_to_transform
@@ -225,7 +215,7 @@ def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = 
         name = path_str(path)
         if not any(matches(t, name) for t in config.targets):
             continue
-        stack = _rule_stack(path, stack_rules) or meta.get(path, ())
+        stack = prefix_rules(path, stack_rules) or meta.get(path, ())
         stacked = sum(n for _, n in stack)
         rest = len(shape) - stacked
         in_axes = next((n for pattern, n in in_axes_rules if matches(pattern, name)), None)
