@@ -18,8 +18,12 @@ bias: DVoRA's rescale, auto's merged branch re-running the layer on W0 + delta),
 
 A layer whose call does not map onto its spec's (in, out) kernel (LinearGeneral over other axes or
 with batch axes; an Einsum that does not contract the kernel's input axes with the input's last
-ones and keep the rest in order) raises, naming the layer. Layers inside `nnx.scan`/`nnx.vmap`
-see slices of the kernel, not the params' leaves, so they are not found (the caller reports them).
+ones and keep the rest in order) raises, naming the layer.
+
+Stacked layers (`nnx.vmap`/`nnx.scan` over layers) are called on slices, not on the params'
+leaves, so their kernels are handed over as `Carried` nodes: the kernel, the entries the
+adapter needs per layer, and the layer's path as static data; nnx's transforms slice every array
+in it, and the hook gets the layer's own slices as extra entries of `LayerCall.params`.
 """
 
 from __future__ import annotations
@@ -32,10 +36,10 @@ import threading
 from typing import Any, Callable, Iterable
 
 import jax
-from flax import nnx
+from flax import nnx, struct
 
 from .. import quant
-from ..tree import get_path
+from ..tree import get_path, set_path
 from .hooks import LayerCall
 from .targets import LayerSpec
 
@@ -110,16 +114,37 @@ def _copy_with(module: nnx.Module, params: dict) -> nnx.Module:
 @dataclasses.dataclass(frozen=True)
 class NnxLayerCall(LayerCall):
     """One intercepted call of a hooked nnx layer (`module` is the nnx Module; `next_fun` the rest
-    of the chain on it, `next_call` the same for any module)."""
+    of the chain on it, `next_call` the same for any module; `carried`: a stacked layer's slices)."""
 
     next_call: Callable = None
+    carried: dict = dataclasses.field(default_factory=dict)
 
     @property
     def params(self) -> dict:
-        return _own(self.module)
+        return {**_own(self.module), **self.carried}
 
     def run_with(self, **params) -> Any:
         return self.next_call(_copy_with(self.module, params), *self.args, **self.kwargs)
+
+
+@struct.dataclass
+class Carried:
+    """A stacked layer's kernel as handed to the model: the kernel, what the adapter needs per
+    layer (`carried`, each with the layer axes leading), and the layer's path (static)."""
+
+    kernel: Any
+    carried: dict
+    path: tuple = struct.field(pytree_node=False)
+
+
+def carry(params: dict, carried: dict) -> dict:
+    """`params` with the kernel of each module path in `carried` (path -> entries) as a `Carried`."""
+    if not carried:
+        return params
+    params = jax.tree.map(lambda x: x, params, is_leaf=quant.is_quantized)
+    for path, entries in carried.items():
+        set_path(params, path + ("kernel",), Carried(get_path(params, path)["kernel"], entries, path))
+    return params
 
 
 def _einsum_fits(equation: str, in_axes: int, kernel_ndim: int) -> bool:
@@ -156,9 +181,13 @@ def _check_layout(spec: LayerSpec, module: nnx.Module, args: tuple, kwargs: dict
 def layer_hooks(specs: Iterable[LayerSpec], params: dict, hook: Callable[[LayerCall], Any]):
     """Inside this context, each call of an nnx layer whose kernel is the `kernel` leaf of one of
     `specs`' paths in `params` (the tree the model is built from) returns `hook(call)`; every
-    other call runs as is. Two specs sharing one kernel object would be ambiguous: ValueError."""
-    by_kernel = {}
+    other call runs as is; a stacked layer's kernel is a `Carried` (see `carry`) naming its path.
+    Two specs sharing one kernel object would be ambiguous: ValueError."""
+    by_kernel, by_path = {}, {}
     for spec in specs:
+        if spec.stack:
+            by_path[spec.path] = spec
+            continue
         key = _identity(get_path(params, spec.path)["kernel"])
         if key in by_kernel:
             raise ValueError(f"layers {by_kernel[key].name} and {spec.name} hold the same kernel array; "
@@ -166,11 +195,17 @@ def layer_hooks(specs: Iterable[LayerSpec], params: dict, hook: Callable[[LayerC
         by_kernel[key] = spec
 
     def interceptor(module, next_call, args, kwargs):
-        spec = by_kernel.get(_identity(module.kernel.get_value())) if args else None
-        if spec is None:
+        kernel, carried = module.kernel.get_value(), {}
+        if isinstance(kernel, Carried):
+            spec, carried = by_path[kernel.path], kernel.carried
+            module = _copy_with(module, {"kernel": kernel.kernel})
+        else:
+            spec = by_kernel.get(_identity(kernel))
+        if spec is None or not args:
             return next_call(module, *args, **kwargs)
-        _check_layout(spec, module, args, kwargs)
-        return hook(NnxLayerCall(spec, module, args, kwargs, functools.partial(next_call, module), next_call))
+        _check_layout(spec.per_layer if spec.stack else spec, module, args, kwargs)
+        return hook(NnxLayerCall(spec, module, args, kwargs, functools.partial(next_call, module), next_call,
+                                 carried))
 
     with _intercepting(interceptor):
         yield
