@@ -310,7 +310,7 @@ class Projections(nnx.Module):
         return self.out(jax.nn.gelu(self.proj(x)))
 
 
-GENERAL = vera_jax.VeraConfig(r=4, targets=("proj", "out"), kernel_in_axes=(("out", 2),), seed=0)
+GENERAL = vera_jax.VeraConfig(r=4, targets=("proj", "out"), kernel_in_axes=(("out", 2), ("proj", 1)), seed=0)
 
 
 def test_linear_general_and_einsum_layers_on_every_path():
@@ -329,7 +329,7 @@ def test_layers_that_do_not_map_onto_in_out_are_refused_by_name():
     with pytest.raises(ValueError, match=r"layer proj: nnx.Einsum 'btd,dnh->bnth' does not map"):
         vera_jax.call_adapted(_nnx_run(model), adapted, inputs(), path="factored")
     model = Projections(nnx.Rngs(0))
-    adapted = vera_jax.apply_vera(model, GENERAL.replace(kernel_in_axes=(("out", 1),)))
+    adapted = vera_jax.apply_vera(model, GENERAL.replace(kernel_in_axes=(("out", 1), ("proj", 1))))
     with pytest.raises(ValueError, match=r"layer out: nnx.LinearGeneral with axis=\(-2, -1\).*kernel_in_axes"):
         vera_jax.call_adapted(_nnx_run(model), adapted, inputs(), path="factored")
 
@@ -388,3 +388,83 @@ def test_trainer_trains_nnx_on_factored_and_auto_with_a_quantized_base(tmp_path,
     reference = after.replace(base=quant.dequantize_params(after.base))
     run, x = _nnx_run(model), inputs()
     np.testing.assert_allclose(_outputs(after, run, path, x), _outputs(reference, run, "merged", x), atol=1e-5)
+
+
+# --- layers stacked by nnx.vmap and run by nnx.scan ----------------------------------------------
+
+class Scanned(nnx.Module):
+    """Stack's blocks made by nnx.vmap (every param gains a leading layer axis), run by nnx.scan."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        @nnx.split_rngs(splits=2)
+        @nnx.vmap(in_axes=(0,), out_axes=0)
+        def make(rngs):
+            return Block(WIDTH, rngs)
+
+        self.layers = make(rngs)
+        self.classifier = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        @nnx.scan(in_axes=(0, nnx.Carry), out_axes=nnx.Carry)
+        def body(block, x):
+            return block(x)
+
+        return self.classifier(body(self.layers, x).mean(-2))
+
+
+class Unrolled(nnx.Module):
+    """Scanned's unrolled twin: blocks layers_0, layers_1 (the per-layer names of a stacked layer)."""
+
+    def __init__(self, rngs: nnx.Rngs):
+        self.layers_0, self.layers_1 = Block(WIDTH, rngs), Block(WIDTH, rngs)
+        self.classifier = nnx.Linear(WIDTH, CLASSES, rngs=rngs)
+
+    def __call__(self, x):
+        return self.classifier(self.layers_1(self.layers_0(x)).mean(-2))
+
+
+STACKED = CONFIG.replace(stacked_axes=(("layers", 1),))
+
+
+def _scanned_pair(quantized: bool = False, config=STACKED):
+    """(adapter, fn) of Scanned and of its unrolled twin, same weights and trained vectors."""
+    scanned, unrolled = Scanned(nnx.Rngs(0)), Unrolled(nnx.Rngs(1))
+    params = nnx.state(scanned, nnx.Param).to_pure_dict()
+    if quantized:
+        params = quant.quantize_params(params, "nf4", block_size=8, stacked_axes=config.stacked_axes)
+        nnx.update(scanned, params)
+    nnx.update(unrolled, {"classifier": params["classifier"],
+                          **{f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(2)}})
+    stacked = _trained(vera_jax.apply_vera(scanned, config))
+    twin = vera_jax.apply_vera(unrolled, config.replace(stacked_axes=()))
+    adapter = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked.adapter["layers"]) for i in range(2)}
+    assert [s.name for s in stacked.layers] == ["layers/q", "layers/v"]
+    assert [s.name for s in twin.layers] == ["layers_0/q", "layers_0/v", "layers_1/q", "layers_1/v"]
+    return (stacked, _nnx_run(scanned)), (twin.replace(adapter=adapter), _nnx_run(unrolled))
+
+
+def test_scanned_nnx_layers_equal_their_unrolled_twin_on_every_path():
+    (stacked, run), (twin, twin_run) = _scanned_pair()
+    x = inputs()
+    expected = _outputs(twin, twin_run, "merged", x)
+    for path in ("merged", "factored", "auto"):
+        np.testing.assert_allclose(_outputs(stacked, run, path, x), expected, atol=1e-5, err_msg=path)
+
+    def grads(adapted, run, path):
+        loss = lambda adapter: vera_jax.call_adapted(  # noqa: E731
+            lambda p, x: (run(p, x) ** 2).sum(), adapted.replace(adapter=adapter), x, path=path)
+        return jax.jit(jax.grad(loss))(adapted.adapter)
+
+    want = grads(twin, twin_run, "merged")
+    got = grads(stacked, run, "factored")["layers"]
+    for i in range(2):
+        jax.tree.map(lambda g, w, i=i: np.testing.assert_allclose(g[i], w, atol=1e-5, rtol=1e-5),
+                     got, want[f"layers_{i}"])
+
+
+def test_scanned_nnx_dropout_and_quantized_base_equal_the_unrolled_twin():
+    (stacked, run), (twin, twin_run) = _scanned_pair(quantized=True, config=STACKED.replace(dropout=0.5))
+    x, rng = inputs(), jax.random.key(5)
+    assert isinstance(get_path(stacked.base, ("layers", "q", "kernel")), quant.QuantizedKernel)
+    np.testing.assert_allclose(_outputs(stacked, run, "auto", x, dropout_rng=rng),
+                               _outputs(twin, twin_run, "factored", x, dropout_rng=rng), atol=1e-5)
