@@ -345,3 +345,13 @@ def test_adapter_files_name_layers_per_layer_and_load_across_layouts(models, tmp
     x = _x()
     np.testing.assert_allclose(vera_jax.apply_adapted(Scanned(), back, x, path="merged"),
                                vera_jax.apply_adapted(Unrolled(), onto_twin, x, path="merged"), rtol=1e-5, atol=1e-5)
+
+
+def test_to_lora_and_back_keep_the_layer_axes(models):
+    scanned, _ = models
+    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, **STACKED)))
+    lora = vera_jax.to_lora(adapted)
+    assert lora.adapter["layers"]["query"]["lora_A"].shape == (L, 8, D) and lora.config.stacked_axes == (("layers", 1),)
+    _close(vera_jax.merge(lora), vera_jax.merge(adapted))
+    back = vera_jax.to_vera(lora, vera_jax.VeraConfig(r=8))
+    _close(back.adapter, adapted.adapter)

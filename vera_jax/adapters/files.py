@@ -34,7 +34,6 @@ import numpy as np
 from ..tree import flat_names, flatten, get_path, path_str, set_path
 from . import core
 from . import directory as adapter_dir
-from . import targets as targets_lib
 from .core import Adapted
 from .methods import registry
 from .projections import PRNG_IMPL, fingerprint
@@ -77,22 +76,12 @@ def _layer_records(adapted: Adapted) -> list[dict]:
     return [{"path": s.name, "kernel_shape": list(s.kernel_shape), "in_axes": s.in_axes} for s in adapted.layers]
 
 
-def _per_layer(adapted: Adapted) -> Adapted:
-    """`adapted` as its files see it: stacked layers as their unrolled twin's layers, the adapter's
-    and projections' leaves split per layer (the base untouched: only its trained leaves are read)."""
-    if not any(s.stack for s in adapted.layers):
-        return adapted
-    layers = tuple(one for _, one, _ in targets_lib.unrolled(adapted.layers))
-    return adapted.replace(adapter=core.unstack_tree(adapted.adapter, adapted.layers),
-                           projections=core.unstack_tree(adapted.projections, adapted.layers), layers=layers)
-
-
 def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
     """Writes the trained leaves of `adapted` to the directory `path`, atomically (a failure
     leaves no partial adapter; see `directory.write`). Returns the directory."""
     if not isinstance(adapted, Adapted):
         raise TypeError(f"save_adapter: expected an Adapted tree, got {type(adapted).__name__}")
-    adapted = _per_layer(adapted)
+    adapted = core.per_layer_view(adapted)
     tensors, dtypes = {}, {}
     for name, (_, _, value) in _trained_leaves(adapted).items():
         tensors[name], dtypes[name] = _to_numpy(value)
@@ -154,7 +143,7 @@ def load_adapter(path: str | os.PathLike, params, stacked_axes=None) -> Adapted:
         stacked = core.attach(params, config)
     except (ValueError, TypeError, KeyError) as e:
         raise AdapterFileError(f"adapter at {directory} does not fit these params: {e}") from None
-    fresh = _per_layer(stacked)
+    fresh = core.per_layer_view(stacked)
 
     saved_layers = record.get("layers", [])
     by_path = lambda records: sorted(records, key=lambda r: r["path"])  # noqa: E731 (the layouts order layers apart)
