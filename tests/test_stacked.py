@@ -355,3 +355,14 @@ def test_to_lora_and_back_keep_the_layer_axes(models):
     _close(vera_jax.merge(lora), vera_jax.merge(adapted))
     back = vera_jax.to_vera(lora, vera_jax.VeraConfig(r=8))
     _close(back.adapter, adapted.adapter)
+
+
+def test_serving_bank_refuses_stacked_layers_and_takes_their_file_unrolled(models, tmp_path):
+    from vera_jax.serving.bank import AdapterRefused, check_servable
+
+    scanned, twin = models
+    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, **STACKED)))
+    with pytest.raises(AdapterRefused, match=r"layers \['layers/query', 'layers/value'\] are stacked"):
+        check_servable(adapted, "adapter 'a'")
+    vera_jax.save_adapter(tmp_path / "a", adapted)
+    check_servable(vera_jax.load_adapter(tmp_path / "a", twin), "adapter 'a'")
