@@ -318,3 +318,51 @@ def test_quantized_stacked_base_is_quantized_per_layer_and_trains_as_the_twin(mo
         _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
     with pytest.raises(ValueError, match=r"stacked_axes gives module layers/query \(kernel \(4, 32, 32\)\) 2"):
         quant.quantize_params(scanned, method, stacked_axes={"layers": 2})
+
+
+def test_adapter_files_name_layers_per_layer_and_load_across_layouts(models, tmp_path):
+    from safetensors.numpy import load_file
+
+    scanned, twin = models
+    config = vera_jax.VeraConfig(r=8, share_projections=False, save_projection=True, **STACKED)
+    adapted = _perturb(vera_jax.apply_vera(scanned, config))
+    vera_jax.save_adapter(tmp_path / "scanned", adapted)
+    names = set(load_file(str(tmp_path / "scanned" / "adapter_model.safetensors")))
+    assert {"adapter/layers_3/value/lambda_b", "projections/layers_0/query/A"} <= names
+    assert not any(n.startswith("adapter/layers/") for n in names)
+    # scanned -> unrolled: the twin's adapter, leaf for leaf
+    onto_twin = vera_jax.load_adapter(tmp_path / "scanned", twin)
+    _close(onto_twin.adapter, vera_jax.unstack(adapted).adapter, 0)
+    # unrolled -> scanned (the axis declared at load, or by partitioning metadata), and back again
+    vera_jax.save_adapter(tmp_path / "twin", onto_twin.replace(config=config.replace(stacked_axes=())))
+    with pytest.raises(vera_jax.AdapterFileError, match="stacked_axes: module layers/query"):
+        vera_jax.load_adapter(tmp_path / "twin", scanned)
+    back = vera_jax.load_adapter(tmp_path / "twin", scanned, stacked_axes={"layers": 1})
+    _close(back.adapter, adapted.adapter, 0)
+    _close(back.projections, adapted.projections, 0)
+    boxed = Scanned(boxed=True).init(jax.random.key(0), _x())["params"]
+    assert vera_jax.load_adapter(tmp_path / "twin", boxed).adapter["layers"]["query"]["lambda_d"].shape == (L, 8)
+    x = _x()
+    np.testing.assert_allclose(vera_jax.apply_adapted(Scanned(), back, x, path="merged"),
+                               vera_jax.apply_adapted(Unrolled(), onto_twin, x, path="merged"), rtol=1e-5, atol=1e-5)
+
+
+def test_to_lora_and_back_keep_the_layer_axes(models):
+    scanned, _ = models
+    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, **STACKED)))
+    lora = vera_jax.to_lora(adapted)
+    assert lora.adapter["layers"]["query"]["lora_A"].shape == (L, 8, D) and lora.config.stacked_axes == (("layers", 1),)
+    _close(vera_jax.merge(lora), vera_jax.merge(adapted))
+    back = vera_jax.to_vera(lora, vera_jax.VeraConfig(r=8))
+    _close(back.adapter, adapted.adapter)
+
+
+def test_serving_bank_refuses_stacked_layers_and_takes_their_file_unrolled(models, tmp_path):
+    from vera_jax.serving.bank import AdapterRefused, check_servable
+
+    scanned, twin = models
+    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, **STACKED)))
+    with pytest.raises(AdapterRefused, match=r"layers \['layers/query', 'layers/value'\] are stacked"):
+        check_servable(adapted, "adapter 'a'")
+    vera_jax.save_adapter(tmp_path / "a", adapted)
+    check_servable(vera_jax.load_adapter(tmp_path / "a", twin), "adapter 'a'")

@@ -193,6 +193,18 @@ def unstack(adapted: Adapted) -> Adapted:
                    unstack_tree(adapted.projections, adapted.layers), adapted.config, layers, extra, adapted.source)
 
 
+def per_layer_view(adapted: Adapted) -> Adapted:
+    """`adapted` seen one layer at a time: stacked layers as their unrolled twin's (per-layer paths,
+    adapter and projections split per layer), the base untouched (not sliced: cheap). For code
+    that reads layers one by one (adapter files, to_lora / to_vera); `restack` puts such an
+    adapter tree back. `unstack` also unrolls the base."""
+    if not any(s.stack for s in adapted.layers):
+        return adapted
+    layers = tuple(one for _, one, _ in targets_lib.unrolled(adapted.layers))
+    return adapted.replace(adapter=unstack_tree(adapted.adapter, adapted.layers),
+                           projections=unstack_tree(adapted.projections, adapted.layers), layers=layers)
+
+
 def attach_as(name: str, params: Params, config) -> Adapted:
     """`attach` for the `apply_<method>` entry points: TypeError unless `config` is that method's."""
     cls = registry.get(name).config_class
