@@ -440,11 +440,11 @@ def _scanned_pair(quantized: bool = False, config=STACKED):
     adapter = {f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], stacked.adapter["layers"]) for i in range(2)}
     assert [s.name for s in stacked.layers] == ["layers/q", "layers/v"]
     assert [s.name for s in twin.layers] == ["layers_0/q", "layers_0/v", "layers_1/q", "layers_1/v"]
-    return (stacked, _nnx_run(scanned)), (twin.replace(adapter=adapter), _nnx_run(unrolled))
+    return (stacked, _nnx_run(scanned)), (twin.replace(adapter=adapter), _nnx_run(unrolled)), (scanned, unrolled)
 
 
-def test_scanned_nnx_layers_equal_their_unrolled_twin_on_every_path():
-    (stacked, run), (twin, twin_run) = _scanned_pair()
+def test_scanned_nnx_layers_equal_their_unrolled_twin_on_every_path_and_share_its_files(tmp_path):
+    (stacked, run), (twin, twin_run), (scanned, unrolled) = _scanned_pair()
     x = inputs()
     expected = _outputs(twin, twin_run, "merged", x)
     for path in ("merged", "factored", "auto"):
@@ -461,9 +461,15 @@ def test_scanned_nnx_layers_equal_their_unrolled_twin_on_every_path():
         jax.tree.map(lambda g, w, i=i: np.testing.assert_allclose(g[i], w, atol=1e-5, rtol=1e-5),
                      got, want[f"layers_{i}"])
 
+    onto_unrolled = vera_jax.load_adapter(vera_jax.save_adapter(tmp_path / "scanned", stacked), unrolled)
+    np.testing.assert_allclose(_outputs(onto_unrolled, twin_run, "factored", x), expected, atol=1e-5)
+    onto_scanned = vera_jax.load_adapter(vera_jax.save_adapter(tmp_path / "unrolled", twin), scanned,
+                                         stacked_axes={"layers": 1})
+    np.testing.assert_allclose(_outputs(onto_scanned, run, "factored", x), expected, atol=1e-5)
+
 
 def test_scanned_nnx_dropout_and_quantized_base_equal_the_unrolled_twin():
-    (stacked, run), (twin, twin_run) = _scanned_pair(quantized=True, config=STACKED.replace(dropout=0.5))
+    (stacked, run), (twin, twin_run), _ = _scanned_pair(quantized=True, config=STACKED.replace(dropout=0.5))
     x, rng = inputs(), jax.random.key(5)
     assert isinstance(get_path(stacked.base, ("layers", "q", "kernel")), quant.QuantizedKernel)
     np.testing.assert_allclose(_outputs(stacked, run, "auto", x, dropout_rng=rng),
