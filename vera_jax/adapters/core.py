@@ -52,8 +52,8 @@ class Adapted:
              per layer or per shape, see `projections.py`), {} otherwise.
     config, layers, extra (static): the config, the adapted LayerSpecs, and the base leaf paths
              trained alongside (config.trainable_extra).
-    source (static): "nnx" when attached to flax.nnx params (the factored path cannot see nnx
-             calls), else "linen".
+    source (static): "nnx" when attached to flax.nnx params (the factored path then hooks nnx
+             layers, `nnx_hooks`), else "linen".
     """
 
     base: Params
