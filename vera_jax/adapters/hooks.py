@@ -4,7 +4,8 @@ A layer is found by its module's scope path, which is its kernel's param path (`
 its input is the call's first argument, flattened over the kernel's input axes (DenseGeneral
 contracts the trailing ones). The factored and auto paths (`factored.call_adapted`), the serving
 bank's per-row terms (`serving.batched`) and the serving benchmark all intercept this one way.
-flax.nnx modules are plain Python calls that `flax.linen.intercept_methods` never sees.
+flax.nnx modules are plain Python calls that `flax.linen.intercept_methods` never sees; their
+layers are hooked by `nnx_hooks.layer_hooks`, which hands the hook the same `LayerCall`.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ class LayerCall:
     """One intercepted call of a hooked layer."""
 
     spec: LayerSpec
-    module: nn.Module
+    module: Any  # the linen Module (an nnx Module for `nnx_hooks.NnxLayerCall`)
     args: tuple
     kwargs: dict
     next_fun: Callable
@@ -41,6 +42,11 @@ class LayerCall:
         """Input rows the layer sees (every axis but the contracted ones)."""
         x = self.args[0]
         return math.prod(x.shape[: x.ndim - self.spec.in_axes])
+
+    @property
+    def params(self) -> dict:
+        """The layer's own params (kernel, bias)."""
+        return self.module.variables["params"]
 
     def run(self) -> Any:
         """The call as the model makes it."""
