@@ -4,6 +4,10 @@ where its layer axes are (issue 20)."""
 
 from __future__ import annotations
 
+import dataclasses
+import zlib
+from typing import ClassVar
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,6 +16,7 @@ import pytest
 
 import vera_jax
 from vera_jax.adapters import core
+from vera_jax.tree import get_path, set_path
 
 L, D = 4, 32
 
@@ -164,8 +169,6 @@ def test_too_many_layer_axes_and_partial_layers_are_refused(models):
 def _configs():
     return {
         "vera": vera_jax.VeraConfig(r=8, **STACKED),
-        "vera_per_layer": vera_jax.VeraConfig(r=8, share_projections=False, **STACKED),
-        "vera_per_shape": vera_jax.VeraConfig(r=8, projections="per_shape", **STACKED),
         "lora": vera_jax.LoraConfig(r=2, **STACKED),
         "dvora": vera_jax.DVoraConfig(r=8, **STACKED),
     }
@@ -192,7 +195,8 @@ def _output_and_grads(model, adapted, path, x, **kw):
     return jax.jit(jax.value_and_grad(loss))(trainable, frozen)
 
 
-@pytest.mark.parametrize("method", ["vera", "vera_per_layer", "vera_per_shape", "lora", "dvora"])
+# per-layer A/B (share_projections=False) are covered by the scan of scans and the files test
+@pytest.mark.parametrize("method", ["vera", "lora", "dvora"])
 def test_scanned_equals_unrolled_on_every_path(models, method):
     scanned, twin = models
     config = _configs()[method]
@@ -245,7 +249,8 @@ def test_scan_of_scans_equals_its_unrolled_twin():
 
 def test_adapter_dropout_drops_the_same_inputs_as_the_unrolled_twin(models):
     scanned, _ = models
-    adapted = _perturb(vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, dropout=0.5, **STACKED)))
+    config = vera_jax.VeraConfig(r=8, dropout=0.5, projections="per_shape", **STACKED)  # per-shape A/B too
+    adapted = _perturb(vera_jax.apply_vera(scanned, config))
     x, rng = _x(), jax.random.key(7)
     got = vera_jax.apply_adapted(Scanned(), adapted, x, path="merged", dropout_rng=rng)
     want = vera_jax.apply_adapted(Unrolled(), core.unstack(adapted), x, path="merged", dropout_rng=rng)
@@ -366,3 +371,54 @@ def test_serving_bank_refuses_stacked_layers_and_takes_their_file_unrolled(model
         check_servable(adapted, "adapter 'a'")
     vera_jax.save_adapter(tmp_path / "a", adapted)
     check_servable(vera_jax.load_adapter(tmp_path / "a", twin), "adapter 'a'")
+
+
+# a registered method written for one layer (public API only): a trained scalar times a frozen
+# random rank-1 update drawn per layer from its path, kept under the layer's path
+@dataclasses.dataclass(frozen=True)
+class RankOneConfig(vera_jax.MethodConfig):
+    method: ClassVar[str] = "test_rank_one"
+    targets: tuple = ("query", "value")
+    trainable_extra: tuple = ()
+    stacked_axes: tuple = (("layers", 1),)
+
+
+def _rank_one_init(params, config, layers):
+    adapter, projections = {}, {}
+    for spec in layers:
+        ku, kv = jax.random.split(jax.random.fold_in(jax.random.key(0), zlib.crc32(spec.name.encode())))
+        set_path(adapter, spec.path, {"scale": jnp.full((1,), 0.02, jnp.float32)})
+        set_path(projections, spec.path, {"u": jax.random.normal(ku, (spec.in_features,)),
+                                          "v": jax.random.normal(kv, (spec.out_features,))})
+    return adapter, projections
+
+
+def _uv(adapted, spec):
+    pair = get_path(adapted.projections, spec.path)
+    return pair["u"], pair["v"]
+
+
+RANK_ONE = vera_jax.Method(
+    name="test_rank_one", config_class=RankOneConfig, init=_rank_one_init,
+    delta=lambda adapted, spec, vec, dtype: vec["scale"] * jnp.outer(*_uv(adapted, spec)),
+    term=lambda adapted, spec, vec, x: vec["scale"] * (x @ _uv(adapted, spec)[0])[..., None] * _uv(adapted, spec)[1],
+)
+
+
+def test_a_registered_method_written_per_layer_runs_on_stacked_layers(models):
+    scanned, twin = models
+    vera_jax.register_method(RANK_ONE)
+    try:
+        adapted = vera_jax.attach(scanned, RankOneConfig())
+        assert adapted.adapter["layers"]["query"]["scale"].shape == (L, 1)
+        assert adapted.projections["layers"]["value"]["u"].shape == (L, D)
+        reference = vera_jax.attach(twin, RankOneConfig())
+        _close(vera_jax.unstack(adapted).projections, reference.projections, 0)
+        x = _x()
+        for path in ("merged", "factored"):
+            value, grads = _output_and_grads(Scanned(), adapted, path, x)
+            want_value, want_grads = _output_and_grads(Unrolled(), reference, path, x)
+            np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
+            _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
+    finally:
+        vera_jax.unregister_method(RANK_ONE.name)
