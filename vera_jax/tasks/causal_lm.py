@@ -9,6 +9,12 @@ import jax.numpy as jnp
 import numpy as np
 
 
+def token_nll(logits, targets):
+    """Cross-entropy of each position's logits (..., vocab) against its target id, float32 (...)."""
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
+    return -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
+
+
 def lm_loss(logits, targets, weights, smoothing: float = 0.0):
     """Mean over weighted positions of label-smoothed cross-entropy ((1 - s) * NLL + s * uniform CE)."""
     logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
