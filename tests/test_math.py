@@ -230,8 +230,8 @@ def test_tiny_llama_end_to_end_through_the_cli(llama_dir, tmp_path, method="vera
          "--workdir", str(workdir), f"--config.model.checkpoint={llama_dir}", "--config.model.random_init=True",
          "--config.model.dtype=float32", "--config.compute_dtype=float32", f"--config.data.path={data}",
          f"--config.data.gsm8k_dir={GSM8K}", "--config.data.valid_size=4", "--config.data.test_limit=6",
-         "--config.data.max_length=96", "--config.data.buckets=()", "--config.data.bucket_factor=2", "--config.vera.r=8",
-         "--config.num_train_steps=6", "--config.eval_every=3", "--config.eval_batch_size=4",
+         "--config.data.max_length=96", "--config.data.buckets=()", "--config.data.bucket_factor=2",
+         "--config.vera.r=8", "--config.num_train_steps=6", "--config.eval_every=3", "--config.eval_batch_size=4",
          "--config.decode.max_new_tokens=5", "--config.checkpoint_async=False", "--config.tensorboard=False",
          "--config.progress_bar=False", "--config.data_threads=1", "--config.data_prefetch=1"],
         cwd=ROOT, env={**os.environ, "JAX_PLATFORMS": "cpu"}, capture_output=True, text=True, timeout=600)
