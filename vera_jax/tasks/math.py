@@ -143,10 +143,10 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
     def collate(batch_rows, longest):
         return peft_labels(batch_rows, data_lib.bucket_for(longest, buckets), longest, pad)
 
+    chunk = causal_lm.loss_chunk(config)
+
     def loss_fn(params, batch, rng):
-        logits = model.module.apply({"params": params}, batch["ids"], attention_mask=batch["mask"],
-                                    deterministic=False, rngs={"dropout": jax.random.fold_in(rng, 0)})
-        return peft_loss(causal_lm.token_nll(logits[:, :-1], batch["ids"][:, 1:]), batch), {}
+        return peft_loss(causal_lm.next_token_losses(model.module, params, batch, chunk=chunk, rng=rng), batch), {}
 
     def eval_set(name, records, every):
         prompts = encode(tok, records, d.template, d.max_length, with_response=False)
