@@ -3,7 +3,7 @@
 262,144 by default), so the logits dominate, as they do for Gemma 3 270M.
 
     python -m experiments.loss_memory                               # vocab 262144, batch 8 x 128
-    python -m experiments.loss_memory --vocab 32000 --chunks 0,256,1024
+    python -m experiments.loss_memory --vocab 32000 --chunks 0,64,1024
 
 Per chunk setting (0: all logits), each in a fresh process: XLA's planned temporary buffers of
 the jitted gradient (`temp_bytes`, from `compiled.memory_analysis()`, on every platform), the
@@ -58,7 +58,7 @@ def measure_one(*, vocab: int, width: int, layers: int, batch: int, seq: int, ch
             "loss": float(value), "platform": jax.devices()[0].platform}
 
 
-def measure(*, vocab: int, width: int, layers: int, batch: int, seq: int, chunks=(0, 1024), dtype: str = "float32",
+def measure(*, vocab: int, width: int, layers: int, batch: int, seq: int, chunks=(0, 256), dtype: str = "float32",
             fresh_process: bool = False) -> dict:
     """Records for every chunk setting; with fresh_process, each in its own Python process (so a
     device's peak-memory counter starts from zero)."""
@@ -83,7 +83,7 @@ def main(argv=None) -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--seq", type=int, default=128)
     parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
-    parser.add_argument("--chunks", default="0,1024", help="comma-separated loss_chunk values (0: all logits)")
+    parser.add_argument("--chunks", default="0,256", help="comma-separated loss_chunk values (0: all logits)")
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     a = parser.parse_args(argv)
     chunks = [int(x) for x in a.chunks.split(",")]

@@ -84,7 +84,7 @@ def test_loss_chunk_config_is_checked():
     from vera_jax.tasks.config import model_config
 
     c = ml_collections.ConfigDict({"model": model_config()})
-    assert causal_lm.loss_chunk(c) == 1024
+    assert causal_lm.loss_chunk(c) == 256
     c.model.loss_chunk = -1
     with pytest.raises(ValueError, match="model.loss_chunk"):
         causal_lm.loss_chunk(c)

@@ -15,7 +15,7 @@ import numpy as np
 
 from vera_jax.train import losses
 
-DEFAULT_LOSS_CHUNK = 1024  # positions whose logits exist at once; 0: all logits at once
+DEFAULT_LOSS_CHUNK = 256  # positions whose logits exist at once; 0: all logits at once
 
 
 def loss_chunk(config) -> int:

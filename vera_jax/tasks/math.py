@@ -202,7 +202,7 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
     info = {"train_rows": len(data["train"]), "train_rows_encoded": len(train), "train_source": data["source"],
             "train_rows_before_filter": data["unfiltered"], "valid_rows": len(data["valid"]),
             "test_rows": len(data["test"]), "buckets": list(buckets),
-            "truncated_train": int(sum(len(x) == d.max_length for x in ids))}
+            "train_rows_at_max_length": int(sum(len(x) == d.max_length for x in ids))}
     return runner.Parts(train=grain.MapDataset.source(train), loss_fn=loss_fn, collate=collate,
                         train_lengths=lengths, evals=evals, best_metric="valid/accuracy" if data["valid"] else "",
                         info=info, finish=finish)
