@@ -114,11 +114,22 @@ class GPT2LMHeadModel(nn.Module):
         return decoding.init_cache(batch_size, max_length, self.num_layers, self.num_heads,
                                    self.width // self.num_heads, self.dtype)
 
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
+        """The LM head's input (batch, T, width): ln_f's output."""
+        return self(input_ids, attention_mask, position_ids, deterministic=deterministic, head=False)
+
+    def logits_from_hidden(self, hidden):
+        """The LM head alone (tied to wte): logits (..., vocab) of `hidden_states` (..., width)."""
+        return self(None, hidden=hidden)
+
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True, *,
+                 hidden=None, head=True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bias, position_ids = decoding.attention_inputs(input_ids, attention_mask, position_ids, cache)
         wte = common.embed(self.vocab_size, self.width, ("vocab", "embed"), name="wte", init_std=self.init_std, **kw)
+        if hidden is not None:
+            return wte.attend(hidden)
+        bias, position_ids = decoding.attention_inputs(input_ids, attention_mask, position_ids, cache)
         wpe = common.embed(self.max_positions, self.width, (None, "embed"), name="wpe", init_std=self.init_std, **kw)
         x = nn.Dropout(self.embd_pdrop, deterministic=deterministic)(wte(input_ids) + wpe(position_ids))
 
@@ -134,7 +145,8 @@ class GPT2LMHeadModel(nn.Module):
                 x, _ = block(x, bias, None, None, deterministic)
             else:
                 x, new_cache[f"layer_{i}"] = block(x, bias, cache[f"layer_{i}"], cache["index"], deterministic)
-        logits = wte.attend(common.layer_norm(self.eps, name="ln_f", **kw)(x))
+        x = common.layer_norm(self.eps, name="ln_f", **kw)(x)
+        logits = wte.attend(x) if head else x
         return logits if cache is None else (logits, new_cache)
 
 

@@ -175,12 +175,24 @@ class LlamaForCausalLM(nn.Module):
         return decoding.init_cache(batch_size, max_length, self.num_layers, self.num_kv_heads, self.head_dim,
                                    self.dtype)
 
+    def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
+        """The LM head's input (batch, T, width): the final norm's output."""
+        return self(input_ids, attention_mask, position_ids, deterministic=deterministic, head=False)
+
+    def logits_from_hidden(self, hidden):
+        """The LM head alone: logits (..., vocab) of `hidden_states` (..., width), e.g. a chunk of
+        them at a time (`vera_jax.train.losses`)."""
+        return self(None, hidden=hidden)
+
     @nn.compact
-    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True):
+    def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True, *,
+                 hidden=None, head=True):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        bias, position_ids = decoding.attention_inputs(input_ids, attention_mask, position_ids, cache)
         embed = common.embed(self.vocab_size, self.width, ("vocab", "embed"), name="embed_tokens",
                              init_std=self.init_std, **kw)
+        if hidden is not None:
+            return self._head(embed, hidden, kw)
+        bias, position_ids = decoding.attention_inputs(input_ids, attention_mask, position_ids, cache)
         x = embed(input_ids)
         block_cls = nn.remat(LlamaBlock, static_argnums=(6,)) if self.remat else LlamaBlock
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
@@ -194,12 +206,14 @@ class LlamaForCausalLM(nn.Module):
                 x, new_cache[f"layer_{i}"] = block(x, bias, position_ids, cache[f"layer_{i}"], cache["index"],
                                                    deterministic)
         x = RMSNorm(self.eps, name="norm", **kw)(x)
-        if self.tie_word_embeddings:
-            logits = embed.attend(x)
-        else:
-            logits = common.dense(self.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False,
-                                  init_std=self.init_std, **kw)(x)
+        logits = self._head(embed, x, kw) if head else x
         return logits if cache is None else (logits, new_cache)
+
+    def _head(self, embed, x, kw):
+        if self.tie_word_embeddings:
+            return embed.attend(x)
+        return common.dense(self.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False,
+                            init_std=self.init_std, **kw)(x)
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,

@@ -1,6 +1,11 @@
-"""What every causal-LM family shares (E2E NLG, instruction tuning): the loss on target tokens only
-and the batch that marks them. Examples are {"ids": prompt + target token ids, "prompt": number of
-prompt tokens}; the loss covers the tokens after the prompt."""
+"""What every causal-LM family shares (E2E NLG, instruction tuning, math): the loss on target tokens
+only and the batch that marks them. Examples are {"ids": prompt + target token ids, "prompt": number
+of prompt tokens}; the loss covers the tokens after the prompt.
+
+`next_token_losses` never holds all the logits when the model exposes `hidden_states` and
+`logits_from_hidden` (every causal LM in `vera_jax.models`): the LM head and the cross-entropy
+run on config.model.loss_chunk positions at a time (`vera_jax.train.losses`), so a 262K
+vocabulary costs O(chunk x vocab) memory, not O(batch x T x vocab)."""
 
 from __future__ import annotations
 
@@ -8,13 +13,61 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from vera_jax.train import losses
+
+DEFAULT_LOSS_CHUNK = 256  # positions whose logits exist at once; 0: all logits at once
+
+
+def loss_chunk(config) -> int:
+    """config.model.loss_chunk (DEFAULT_LOSS_CHUNK when absent), checked."""
+    chunk = config.model.get("loss_chunk", DEFAULT_LOSS_CHUNK)
+    if not isinstance(chunk, int) or chunk < 0:
+        raise ValueError(f"model.loss_chunk: expected an integer >= 0 (0: all logits at once), got {chunk!r}")
+    return chunk
+
+
+def chunks_hidden(module) -> bool:
+    """Whether `module` has the two methods the chunked loss needs."""
+    return callable(getattr(module, "hidden_states", None)) and callable(getattr(module, "logits_from_hidden", None))
+
+
+def next_token_losses(module, params, batch, *, chunk: int = DEFAULT_LOSS_CHUNK, smoothing: float = 0.0,
+                      rng=None):
+    """Per-position losses (batch, T - 1), float32, of predicting batch["ids"][:, 1:] from the
+    model run on batch["ids"] / batch["mask"] ((1 - s) * NLL + s * uniform CE; `rng`: dropout on,
+    None: deterministic). Chunked when `chunk` > 0 and the model allows it, else from all logits."""
+    kw = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 0)}} if rng is not None else {}
+    variables, targets = {"params": params}, batch["ids"][:, 1:]
+    if chunk and chunks_hidden(module):
+        hidden = module.apply(variables, batch["ids"], attention_mask=batch["mask"], method="hidden_states", **kw)
+
+        def head(h):
+            return module.apply(variables, h, method="logits_from_hidden")
+
+        return losses.chunked_token_losses(hidden[:, :-1], targets, head, chunk, smoothing)
+    logits = module.apply(variables, batch["ids"], attention_mask=batch["mask"], **kw)
+    return losses.token_losses_from_logits(logits[:, :-1], targets, smoothing)
+
+
+def weighted_mean(per_token, weights):
+    """Mean of `per_token` over positions with weight (0 when there are none)."""
+    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+
+
+def shifted_loss_of(module, params, batch, *, chunk: int = DEFAULT_LOSS_CHUNK, smoothing: float = 0.0, rng=None):
+    """The mean next-token loss over the target positions batch["weights"][:, 1:] marks."""
+    per_token = next_token_losses(module, params, batch, chunk=chunk, smoothing=smoothing, rng=rng)
+    return weighted_mean(per_token, batch["weights"][:, 1:])
+
+
+def token_nll(logits, targets):
+    """Cross-entropy of each position's logits (..., vocab) against its target id, float32 (...)."""
+    return losses.token_losses_from_logits(logits, targets)
+
 
 def lm_loss(logits, targets, weights, smoothing: float = 0.0):
     """Mean over weighted positions of label-smoothed cross-entropy ((1 - s) * NLL + s * uniform CE)."""
-    logp = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-    nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
-    per_token = (1.0 - smoothing) * nll - smoothing * logp.mean(-1)
-    return (per_token * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    return weighted_mean(losses.token_losses_from_logits(logits, targets, smoothing), weights)
 
 
 def pad_targets(rows, length: int, pad_id: int) -> dict:

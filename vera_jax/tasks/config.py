@@ -21,6 +21,8 @@ def model_config() -> ml_collections.ConfigDict:
     m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized;
     # "gguf": a .gguf checkpoint's Q4_0/Q4_1 linear weights kept in their stored 4-bit blocks
     m.dtype = "float32"  # float32 | bfloat16 | float16: the loaded params (compute_dtype casts per step)
+    m.loss_chunk = 256  # causal LMs: positions whose logits exist at once in the loss (memory O(chunk x vocab));
+    # 0: all logits at once
     return m
 
 

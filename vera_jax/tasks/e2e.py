@@ -15,7 +15,6 @@ import json
 import os
 
 import grain
-import jax
 import numpy as np
 
 from vera_jax import data as data_lib
@@ -72,10 +71,11 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
             ids[i, n - len(row["ids"]):], mask[i, n - len(row["ids"]):] = row["ids"], 1
         return {"ids": ids, "mask": mask, "index": np.stack([row["index"] for row in rows])}
 
+    chunk = causal_lm.loss_chunk(config)
+
     def loss_fn(params, batch, rng):
-        logits = model.module.apply({"params": params}, batch["ids"], attention_mask=batch["mask"],
-                                    deterministic=False, rngs={"dropout": jax.random.fold_in(rng, 0)})
-        return causal_lm.shifted_loss(logits, batch, config.label_smoothing), {}
+        return causal_lm.shifted_loss_of(model.module, params, batch, chunk=chunk, smoothing=config.label_smoothing,
+                                         rng=rng), {}
 
     def eval_fn(adapted, batch):
         tokens = generate.beam_search(model.module, adapted, batch["ids"], batch["mask"], dec.max_new_tokens,

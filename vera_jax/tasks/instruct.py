@@ -15,7 +15,6 @@ decoding), every config.eval_every steps.
 from __future__ import annotations
 
 import grain
-import jax
 import numpy as np
 
 from vera_jax import data as data_lib
@@ -104,19 +103,15 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
     def collate(rows, longest):  # response tokens (output and EOS) are the target
         return causal_lm.pad_targets(rows, data_lib.bucket_for(longest, buckets), pad)
 
-    def logits_of(params, batch, train, rng=None):
-        kw = {"deterministic": False, "rngs": {"dropout": jax.random.fold_in(rng, 0)}} if train else {}
-        return model.module.apply({"params": params}, batch["ids"], attention_mask=batch["mask"], **kw)
+    chunk = causal_lm.loss_chunk(config)
 
     def loss_fn(params, batch, rng):
-        logits = logits_of(params, batch, True, rng)
-        return causal_lm.shifted_loss(logits, batch), {}
+        return causal_lm.shifted_loss_of(model.module, params, batch, chunk=chunk, rng=rng), {}
 
     def eval_fn(params, batch):
-        logits, targets, weights = logits_of(params, batch, False)[:, :-1], batch["ids"][:, 1:], batch["weights"][:, 1:]
-        per_row = jax.vmap(lambda lg, t, w: causal_lm.lm_loss(lg, t, w))(logits, targets, weights)
-        tokens = weights.sum(-1)
-        return {"nll": per_row * tokens, "tokens": tokens}
+        weights = batch["weights"][:, 1:]
+        nll = causal_lm.next_token_losses(model.module, params, batch, chunk=chunk)
+        return {"nll": (nll * weights).sum(-1), "tokens": weights.sum(-1)}
 
     def metrics_fn(out):
         loss = float(out["nll"].sum() / max(out["tokens"].sum(), 1))

@@ -41,7 +41,9 @@ class Parts:
     """What a family gives the trainer: training examples (grain.MapDataset of single examples),
     loss_fn(params, batch, rng) -> (loss, aux), named evals, the collate step and lengths for
     bucketing (see `vera_jax.train.Task`), the metric that picks the best eval when the config
-    names none, and facts for the summary."""
+    names none, facts for the summary, and `finish(workdir, summary, adapted) -> dict`, run on
+    process 0 after training (e.g. a results file in another project's layout), whose facts join
+    the summary."""
 
     train: Any
     loss_fn: Callable
@@ -51,6 +53,7 @@ class Parts:
     sort_window: int = 0
     best_metric: str = ""
     info: dict = dataclasses.field(default_factory=dict)
+    finish: Optional[Callable] = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +184,11 @@ def _validate(config) -> None:
 def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.ConfigDict]:
     """(trainer Task, facts for the summary, resolved config with the learning-rate groups and the
     best metric filled in): everything `run` does before training, for inspection in a notebook."""
+    task, info, config, _ = _build(family, config)
+    return task, info, config
+
+
+def _build(family: Family, config):
     _validate(config)
     config = config.copy_and_resolve_references()
     spec = model_spec(config, advice=family.advice)
@@ -206,7 +214,7 @@ def build(family: Family, config) -> tuple[train_lib.Task, dict, ml_collections.
             "seed": config.seed, **parts.info,
             "adapter_params": int(sum(x.size for x in jax.tree.leaves(adapted.adapter))),
             "trainable_params": vera_jax.count_trainable(adapted)}
-    return task, info, config
+    return task, info, config, parts
 
 
 def run(family: Family, config, workdir: str) -> dict:
@@ -214,10 +222,12 @@ def run(family: Family, config, workdir: str) -> dict:
     summary (per-eval history in "evals", "best", "final") with the family's facts, parameter
     counts and the whole run's wall time; saves the trained adapter to workdir/adapter."""
     start = time.time()
-    task, info, config = build(family, config)
+    task, info, config, parts = _build(family, config)
     result = train_lib.train_and_evaluate(config, workdir, task)
     summary = {**result.summary, **info, "wall_time_s": time.time() - start}
     if jax.process_index() == 0:
+        if parts.finish is not None:
+            summary.update(parts.finish(workdir, summary, result.adapted))
         if config.save_adapter:
             vera_jax.save_adapter(os.path.join(workdir, "adapter"), result.adapted)
         with open(os.path.join(workdir, "summary.json"), "w") as f:

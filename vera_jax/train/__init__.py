@@ -11,6 +11,7 @@ from .._lazy import lazy_exports
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".checkpoint": ("CheckpointMismatchError",),
     ".config": ("default_config",),
+    ".losses": ("chunked_token_losses", "token_losses_from_logits"),
     ".mesh": ("initialize_distributed", "make_mesh", "param_shardings"),
     ".optim": ("make_optimizer", "make_schedule"),
     ".trainer": ("PREEMPTED_EXIT_CODE", "Eval", "NonFiniteLossError", "Preempted", "Task", "TrainResult",
