@@ -222,3 +222,20 @@ def test_gemma3_configs_are_the_smollm2_runs_on_gemma():
         assert (c.data.to_dict(), c.vera.to_dict(), c.lora.to_dict()) == (
             base.data.to_dict(), base.vera.to_dict(), base.lora.to_dict())
         assert c.batch_size % c.grad_accum_steps == 0 and c.batch_size // c.grad_accum_steps <= 4
+
+
+@pytest.mark.parametrize("name", ["gemma3", "qwen2"])
+def test_sharded_and_streamed_quantized_loads(cases, name, tmp_path):
+    """Sharded safetensors load to the same params; a streamed int8 load is `quantize_params` of them."""
+    from vera_jax import quant
+
+    case = cases(name)
+    case.torch_model.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    assert len(hub.safetensors_files(str(tmp_path))) > 2
+    _, plain, _ = hub.from_pretrained(str(tmp_path))
+    jax.tree.map(np.testing.assert_array_equal, plain, jax.tree.map(np.asarray, case.params))
+    _, streamed, _ = hub.from_pretrained(str(tmp_path), quantize="int8")  # nf4 blocks of 64 > width 32
+    expected = quant.quantize_params(plain, "int8")
+    assert jax.tree.structure(streamed) == jax.tree.structure(expected)
+    jax.tree.map(np.testing.assert_array_equal, streamed, expected)
+    assert isinstance(streamed["layer_0"]["attention"]["query"]["kernel"], quant.Int8Kernel)
