@@ -27,6 +27,10 @@ Models", ICLR 2022):
 The `reported` column is the count printed in the VeRA paper's tables. The computed counts
 equal it everywhere except LoRA on GPT-2, where the paper copies the LoRA paper's 0.35M /
 0.77M while r=4 on separate query and value layers gives 0.39M / 0.74M.
+
+Models the paper predates (Gemma 3 1B / 4B (its language model), Qwen2.5-7B, Llama-3.1-8B; no
+`reported` count) at the paper's two settings: query and value (VeRA r=1024, LoRA r=8) and every
+linear layer but the LM head (VeRA r=1024, LoRA r=64).
 """
 
 from __future__ import annotations
@@ -74,6 +78,9 @@ ROWS = [
     *_pair("Llama-2-7B", "llama-2-7b", 1024, 64, LLAMA_ALL, "1.6M", "159.9M"),
     *_pair("Llama-2-13B", "llama-2-13b", 1024, 64, LLAMA_ALL, "2.4M", "250.3M"),
 ]
+for _model, _config in [("Gemma-3-1B", "gemma-3-1b"), ("Gemma-3-4B", "gemma-3-4b"), ("Qwen2.5-7B", "qwen2.5-7b"),
+                        ("Llama-3.1-8B", "llama-3.1-8b")]:
+    ROWS += [*_pair(_model, _config, 1024, 8, QV, "", ""), *_pair(_model, _config, 1024, 64, LLAMA_ALL, "", "")]
 
 
 @functools.lru_cache(maxsize=None)

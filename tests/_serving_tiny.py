@@ -1,4 +1,4 @@
-"""Tiny GPT-2 / LLaMA models, random VeRA adapters and a word-level tokenizer for the serving tests."""
+"""Tiny GPT-2 / LLaMA / Gemma 3 models, random VeRA adapters and a word-level tokenizer for the serving tests."""
 
 from __future__ import annotations
 
@@ -26,6 +26,12 @@ FAMILIES = {
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=100, initializer_range=0.3, rope_theta=500.0, max_position_embeddings=64,
         bos_token_id=EOS, eos_token_id=EOS)),
+    # a sliding layer of 5 slots (prompts and answers run past it, slots at different lengths) and a global one
+    "gemma3": (llama, transformers.Gemma3TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=100, initializer_range=0.3, sliding_window=5, max_position_embeddings=64,
+        layer_types=["sliding_attention", "full_attention"], bos_token_id=EOS, eos_token_id=EOS, pad_token_id=1,
+        tie_word_embeddings=False)),  # a tied random head mostly repeats the last token
 }
 CHAT_TEMPLATE = "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} {% endfor %}assistant"
 
@@ -35,6 +41,10 @@ def tiny(name):
     family, config = FAMILIES[name]
     model = family.build(config.to_dict())
     params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+    if name == "gemma3":  # Gemma norms start at w = 0; random ones let the residual branches matter
+        params = jax.tree_util.tree_map_with_path(
+            lambda p, x: 0.5 * jax.random.normal(jax.random.key(len(p)), x.shape) if p[-1].key == "scale" else x,
+            params)
     return model, params, config.to_dict()
 
 

@@ -89,6 +89,25 @@ def test_every_method_trains_decodes_and_scores(method, gpt2_dir, e2e_dir, tmp_p
     assert refs["mrs"][0].startswith("name[") and all("\n" not in p for p in predictions)
 
 
+def test_a_gemma3_trains_and_decodes_through_the_runner(gpt2_dir, e2e_dir, tmp_path):
+    """A tiny Gemma 3 (a sliding layer of 8 slots, shorter than the 32-slot rows, and a global one) on
+    the same tokenizer: VeRA trains on query/value and the beam decoder runs on the cached layers."""
+    import shutil
+
+    root = tmp_path / "gemma3"
+    shutil.copytree(gpt2_dir, root)
+    config = json.loads((root / "config.json").read_text())
+    (root / "config.json").write_text(json.dumps({
+        "model_type": "gemma3_text", "architectures": ["Gemma3ForCausalLM"], "vocab_size": config["vocab_size"],
+        "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16, "sliding_window": 8,
+        "layer_types": ["sliding_attention", "full_attention"], "eos_token_id": config["eos_token_id"],
+        "bos_token_id": config["bos_token_id"]}))
+    summary = runner.run(e2e.FAMILY, tiny_config(str(root), e2e_dir), str(tmp_path / "run"))
+    assert summary["steps"] == 3 and summary["evals"][0]["step"] == 3
+    assert len((tmp_path / "run" / "predictions" / "step_3" / "predictions.txt").read_text().splitlines()) == 6
+
+
 def test_steps_zero_scores_the_untuned_model(gpt2_dir, e2e_dir, tmp_path):
     summary = runner.run(e2e.FAMILY, tiny_config(gpt2_dir, e2e_dir, num_train_steps=0), str(tmp_path))
     assert summary["steps"] == 0 and [e["step"] for e in summary["evals"]] == [0]

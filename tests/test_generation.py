@@ -24,6 +24,11 @@ FAMILIES = {
     "llama": (llama, transformers.LlamaConfig(
         hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=100, initializer_range=0.3, rope_theta=500.0), ("query", "value", "down")),
+    # a sliding layer (window 3 < the 9 slots decoded) and a global one, q/k norms, post norms, GeGLU
+    "gemma3": (llama, transformers.Gemma3TextConfig(
+        hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=8, vocab_size=100, initializer_range=0.3, sliding_window=3,
+        layer_types=["sliding_attention", "full_attention"]), ("query", "value", "down")),
 }
 
 
@@ -37,6 +42,10 @@ def models():
             family, config, targets = FAMILIES[name]
             model = family.build(config.to_dict())
             params = nn.meta.unbox(model.init(jax.random.key(0), jnp.zeros((1, 2), jnp.int32))["params"])
+            if name == "gemma3":  # Gemma norms start at w = 0; random ones let the residual branches matter
+                params = jax.tree_util.tree_map_with_path(
+                    lambda p, x: 2 * jax.random.normal(jax.random.key(len(p)), x.shape) if p[-1].key == "scale"
+                    else x, params)
             built[name] = (model, params, targets)
         return built[name]
 

@@ -33,6 +33,15 @@ def _hf_model(kind):
         config = transformers.LlamaConfig(vocab_size=64, num_key_value_heads=2, max_position_embeddings=64,
                                           tie_word_embeddings=False, **TEXT)
         return transformers.LlamaForCausalLM(config).eval()
+    if kind == "gemma3":  # head_dim 16 != 32 / 4, q/k norms, a sliding and a global layer, tied head
+        config = transformers.Gemma3TextConfig(vocab_size=64, num_key_value_heads=2, head_dim=16, sliding_window=4,
+                                               layer_types=["sliding_attention", "full_attention"],
+                                               max_position_embeddings=64, **TEXT)
+        return transformers.Gemma3ForCausalLM(config).eval()
+    if kind == "qwen2":  # q/k/v biases
+        config = transformers.Qwen2Config(vocab_size=64, num_key_value_heads=2, max_position_embeddings=64,
+                                          tie_word_embeddings=False, **TEXT)
+        return transformers.Qwen2ForCausalLM(config).eval()
     if kind == "roberta":
         config = transformers.RobertaConfig(vocab_size=64, max_position_embeddings=40, num_labels=3, **TEXT)
         return transformers.RobertaForSequenceClassification(config).eval()
@@ -122,6 +131,8 @@ def _randomized(adapted, seed=0):
 @pytest.mark.parametrize("kind,targets,save_projection", [
     ("llama", LLAMA_LINEAR, True),        # five layer shapes: (32,32), (32,16), (32,48), (48,32)
     ("llama", "all-linear", True),
+    ("gemma3", "all-linear", True),
+    ("qwen2", ["q_proj", "v_proj"], True),
     ("vit", ["q_proj", "v_proj", "mlp.fc1"], True),   # transformers 5 module names
     ("gpt2", ["c_proj", "c_fc"], True),   # Conv1D (fan_in_fan_out)
 ])
@@ -197,6 +208,8 @@ def test_imported_vera_config_is_readable_and_saves_as_ours(tmp_path, base):
     ("roberta", ["query", "value"], False),
     ("roberta", ["query", "value"], True),
     ("llama", "all-linear", False),
+    ("gemma3", ["q_proj", "v_proj", "down_proj"], False),
+    ("qwen2", "all-linear", False),
 ])
 def test_peft_lora_loads_to_peft_logits(tmp_path, base, kind, targets, rslora):
     path, model, params = base(kind)
@@ -230,6 +243,10 @@ def test_save_projection_false_needs_the_projections(tmp_path, base):
     ("bert", "vera", ("query", "attn_out"), ("pooler", "classifier")),
     ("llama", "vera", ("query", "key", "gate", "down"), ()),
     ("llama", "lora", ("query", "value", "up"), ()),
+    ("gemma3", "vera", ("query", "value", "attn_out", "gate", "up", "down"), ()),
+    ("gemma3", "lora", ("query", "key"), ()),
+    ("qwen2", "vera", ("query", "value"), ()),
+    ("qwen2", "lora", ("key", "value", "down"), ()),
     ("vit", "lora", ("query", "value"), ("classifier",)),
     ("gpt2", "vera", ("attn_out", "mlp_in", "mlp_out"), ()),
     ("gpt2", "lora", ("mlp_in",), ()),

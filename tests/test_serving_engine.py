@@ -16,7 +16,7 @@ from vera_jax.serving import BASE, AdapterBank, Engine, Request, RequestError, T
 ADAPTERS = {"a": (("query", "value"), 0, 8), "b": (("value",), 3, 8), "c": (("query", "value"), 0, 4)}
 
 
-@pytest.fixture(scope="module", params=["gpt2", "llama"])
+@pytest.fixture(scope="module", params=["gpt2", "llama", "gemma3"])
 def setup(request):
     model, params, _ = tiny(request.param)
     bank = AdapterBank(params)

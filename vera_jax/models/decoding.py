@@ -64,6 +64,17 @@ def attention_inputs(input_ids, attention_mask, position_ids, cache):
     return bias.astype(jnp.float32), position_ids
 
 
+def sliding_window_bias(bias, start, window: int):
+    """`bias` (batch, 1, T, S) with keys `window` or more slots before their query masked too (HF's
+    sliding-window layers: a query at slot q sees slots (q - window, q]); `start`: the first query's
+    slot (the cache index, a scalar or one per row; 0 without a cache)."""
+    if not window or window < 1:
+        raise ValueError(f"sliding_window must be a positive number of slots, got {window!r}")
+    query_slots = jnp.reshape(start, (-1, 1)) + jnp.arange(bias.shape[2])
+    far = jnp.arange(bias.shape[3])[None, None, :] <= query_slots[:, :, None] - window
+    return jnp.where(far[:, None], MASK_VALUE, bias)
+
+
 def update_cache(layer_cache, index, key, value):
     """Writes key/value (batch, T, kv, hd) at `index` (a scalar, or one per row); returns the new
     layer cache."""
@@ -76,15 +87,19 @@ def update_cache(layer_cache, index, key, value):
     return {"key": write(layer_cache["key"], key), "value": write(layer_cache["value"], value)}
 
 
-def attend(query, key, value, bias, scale: float, dropout: Callable[[jax.Array], jax.Array]):
+def attend(query, key, value, bias, scale: float, dropout: Callable[[jax.Array], jax.Array],
+           softcap: float | None = None):
     """Grouped-query attention: query (B,T,H,D), key/value (B,S,KV,D), bias (B,1,T,S) -> (B,T,H*D).
 
-    Scores are softmaxed in float32 as HF does.
+    Scores are softmaxed in float32 as HF does; `softcap` (Gemma 2) maps scaled scores to
+    softcap * tanh(scores / softcap) before the mask is added.
     """
     batch, length, heads, head_dim = query.shape
     kv_heads = key.shape[2]
     query = query.reshape(batch, length, kv_heads, heads // kv_heads, head_dim)
     scores = jnp.einsum("btkgd,bskd->bkgts", query, key).astype(jnp.float32) * scale
+    if softcap is not None:
+        scores = jnp.tanh(scores / softcap) * softcap
     probs = jax.nn.softmax(scores + bias[:, :, None], axis=-1).astype(value.dtype)
     out = jnp.einsum("bkgts,bskd->btkgd", dropout(probs), value)
     return out.reshape(batch, length, heads * head_dim)

@@ -44,6 +44,12 @@ FAMILIES = {
     "vit": "vera_jax.models.vit",
     "gpt2": "vera_jax.models.gpt2",
     "llama": "vera_jax.models.llama",
+    "mistral": "vera_jax.models.llama",
+    "qwen2": "vera_jax.models.llama",
+    "qwen3": "vera_jax.models.llama",
+    "gemma": "vera_jax.models.llama",
+    "gemma2": "vera_jax.models.llama",
+    "gemma3_text": "vera_jax.models.llama",
 }
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "vocab.json", "spiece.model",

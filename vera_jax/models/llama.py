@@ -1,16 +1,25 @@
-"""LLaMA causal LM (HF `LlamaForCausalLM`) in Flax linen, with HF checkpoint import/export.
+"""LLaMA-style causal LMs in Flax linen, with HF checkpoint import/export: LLaMA 1/2/3.x, Mistral,
+Qwen2/2.5, Qwen3, Gemma, Gemma 2 and Gemma 3 (text) are one module with options (`Variant`).
 
 RMSNorm, rotary position embeddings (HF's rotate-half layout; rope types "default",
-"linear" and "llama3"), grouped-query attention (`num_key_value_heads`) and a SwiGLU
-MLP. The LM head is its own Dense unless `tie_word_embeddings`. Param tree:
+"linear" and "llama3"), grouped-query attention (`num_key_value_heads`) and a gated MLP
+(SwiGLU, or GeGLU for Gemma). The LM head is its own Dense unless `tie_word_embeddings`.
+The families differ only by `Variant` (norm (1 + w), q/k norms, norms after attention and MLP,
+embedding scale, attention scale and soft-capping, q/k/v bias) and by per-layer sliding windows
+(`layer_types`, each layer "full_attention" or "sliding_attention", with its own rope base for
+Gemma 3's local layers). Param tree, the same logical names in every family:
 
     embed_tokens/embedding, norm, lm_head (untied only)
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm (HF input_layernorm),
-    layer_{i}/{gate,up,down}, layer_{i}/mlp_norm (HF post_attention_layernorm)
+    layer_{i}/{gate,up,down}, layer_{i}/mlp_norm (HF post_attention_layernorm; Gemma 2/3's
+    pre_feedforward_layernorm), and where the family has them
+    layer_{i}/attention/{query_norm,key_norm} (q_norm, k_norm), layer_{i}/attn_post_norm (Gemma 2/3's
+    post_attention_layernorm), layer_{i}/mlp_post_norm (post_feedforward_layernorm)
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import flax.linen as nn
@@ -26,21 +35,54 @@ HF_MODULE_NAMES = {
     "attn_out": "self_attn.o_proj", "gate": "mlp.gate_proj", "up": "mlp.up_proj", "down": "mlp.down_proj",
 }
 IGNORED = (r"rotary_emb\.inv_freq$",)  # a buffer older checkpoints saved
+SLIDING, FULL = "sliding_attention", "full_attention"
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What a family changes in the LLaMA block (the defaults are LLaMA's).
+
+    norm_offset: RMSNorm multiplies by (norm_offset + w) (Gemma: 1, weights stored around 0).
+    qk_norm: RMSNorm over head_dim on queries and keys before rope (Qwen3, Gemma 3).
+    post_norms: RMSNorm on the attention and MLP outputs before each residual add (Gemma 2/3).
+    embed_scale: embeddings multiplied by sqrt(hidden) in the model's dtype (Gemma).
+    attn_scale: query scale (None: head_dim ** -0.5; Gemma: query_pre_attn_scalar ** -0.5).
+    attn_softcap, final_softcap: cap * tanh(x / cap) on attention scores / logits (Gemma 2).
+    qkv_bias: bias on query/key/value only (Qwen2), beside `attention_bias` (all four).
+    """
+
+    norm_offset: float = 0.0
+    qk_norm: bool = False
+    post_norms: bool = False
+    embed_scale: bool = False
+    attn_scale: float | None = None
+    attn_softcap: float | None = None
+    final_softcap: float | None = None
+    qkv_bias: bool = False
+
+
+LLAMA = Variant()
 
 
 class RMSNorm(nn.Module):
-    """HF LlamaRMSNorm: normalise in float32, cast back, then scale."""
+    """HF LlamaRMSNorm: normalise in float32, cast back, then scale. With `offset` (Gemma's
+    RMSNorm) the scale is (offset + w), applied in float32 before the cast, and w starts at 0."""
 
     eps: float
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
+    offset: float = 0.0
+    axis: str | None = "embed"
 
     @nn.compact
     def __call__(self, x):
-        scale = self.param("scale", nn.with_logical_partitioning(nn.initializers.ones_init(), ("embed",)),
-                           (x.shape[-1],), self.param_dtype)
+        init = nn.initializers.zeros_init() if self.offset else nn.initializers.ones_init()
+        scale = self.param("scale", nn.with_logical_partitioning(init, (self.axis,)), (x.shape[-1],),
+                           self.param_dtype)
         x32 = x.astype(jnp.float32)
         y = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        if self.offset:
+            return (y * (self.offset + jnp.asarray(scale, jnp.float32))).astype(self.dtype)
         return jnp.asarray(scale, self.dtype) * y.astype(self.dtype)
 
 
@@ -88,15 +130,22 @@ class LlamaAttention(nn.Module):
     init_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    variant: Variant = LLAMA
+    eps: float = 1e-6
 
     @nn.compact
     def __call__(self, x, bias, position_ids, layer_cache, cache_index, deterministic):
         batch, length, width = x.shape
+        v = self.variant
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, init_std=self.init_std, use_bias=self.use_bias)
+        qkv = {**kw, "use_bias": self.use_bias or v.qkv_bias}
 
         def project(name, heads):
-            y = common.dense(heads * self.head_dim, ("embed", "heads"), name=name, **kw)(x)
-            return y.reshape(batch, length, heads, self.head_dim)
+            y = common.dense(heads * self.head_dim, ("embed", "heads"), name=name, **qkv)(x)
+            y = y.reshape(batch, length, heads, self.head_dim)
+            if v.qk_norm and name != "value":
+                y = RMSNorm(self.eps, self.dtype, self.param_dtype, v.norm_offset, None, name=f"{name}_norm")(y)
+            return y
 
         query = apply_rope(project("query", self.num_heads), position_ids, self.inv_freq)
         key = apply_rope(project("key", self.num_kv_heads), position_ids, self.inv_freq)
@@ -105,12 +154,14 @@ class LlamaAttention(nn.Module):
             layer_cache = decoding.update_cache(layer_cache, cache_index, key, value)
             key, value = layer_cache["key"], layer_cache["value"]
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
-        out = decoding.attend(query, key, value, bias, self.head_dim ** -0.5, dropout)
+        scale = self.head_dim ** -0.5 if v.attn_scale is None else v.attn_scale
+        out = decoding.attend(query, key, value, bias, scale, dropout, softcap=v.attn_softcap)
         return common.dense(width, ("heads", "embed"), name="attn_out", **kw)(out), layer_cache
 
 
 class LlamaBlock(nn.Module):
-    """x + attn(rms(x)), then x + down(silu(gate(rms(x))) * up(rms(x)))."""
+    """x + attn(rms(x)), then x + down(silu(gate(rms(x))) * up(rms(x))); with `post_norms`
+    (Gemma 2/3) each branch's output is normalised again before the residual add."""
 
     num_heads: int
     num_kv_heads: int
@@ -125,22 +176,29 @@ class LlamaBlock(nn.Module):
     init_std: float
     dtype: jnp.dtype
     param_dtype: jnp.dtype
+    variant: Variant = LLAMA
 
     @nn.compact
     def __call__(self, x, bias, position_ids, layer_cache, cache_index, deterministic):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-        h = RMSNorm(self.eps, name="attn_norm", **kw)(x)
+        v = self.variant
+        norm = dict(offset=v.norm_offset, **kw)
+        h = RMSNorm(self.eps, name="attn_norm", **norm)(x)
         h, layer_cache = LlamaAttention(
             self.num_heads, self.num_kv_heads, self.head_dim, self.inv_freq, self.attention_bias,
-            self.attention_dropout, self.init_std, name="attention", **kw,
+            self.attention_dropout, self.init_std, name="attention", variant=v, eps=self.eps, **kw,
         )(h, bias, position_ids, layer_cache, cache_index, deterministic)
+        if v.post_norms:
+            h = RMSNorm(self.eps, name="attn_post_norm", **norm)(h)
         x = x + h
-        h = RMSNorm(self.eps, name="mlp_norm", **kw)(x)
+        h = RMSNorm(self.eps, name="mlp_norm", **norm)(x)
         mlp = dict(init_std=self.init_std, use_bias=self.mlp_bias, **kw)
         gate = common.dense(self.inner_dim, ("embed", "mlp"), name="gate", **mlp)(h)
         up = common.dense(self.inner_dim, ("embed", "mlp"), name="up", **mlp)(h)
         h = common.activation(self.activation)(gate) * up
         h = common.dense(x.shape[-1], ("mlp", "embed"), name="down", **mlp)(h)
+        if v.post_norms:
+            h = RMSNorm(self.eps, name="mlp_post_norm", **norm)(h)
         return x + h, layer_cache
 
 
@@ -169,6 +227,10 @@ class LlamaForCausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    variant: Variant = LLAMA
+    layer_types: tuple[str, ...] | None = None  # per layer FULL or SLIDING; None: all FULL
+    sliding_window: int | None = None  # a SLIDING layer's query sees the keys of its last `sliding_window` slots
+    local_inv_freq: tuple[float, ...] | None = None  # a SLIDING layer's rope (Gemma 3's local base); None: inv_freq
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """Empty KV cache for `batch_size` sequences of at most `max_length` tokens."""
@@ -194,33 +256,127 @@ class LlamaForCausalLM(nn.Module):
             return self._head(embed, hidden, kw)
         bias, position_ids = decoding.attention_inputs(input_ids, attention_mask, position_ids, cache)
         x = embed(input_ids)
+        if self.variant.embed_scale:
+            x = x * jnp.asarray(self.width ** 0.5, x.dtype)
+        layer_types = self.layer_types or (FULL,) * self.num_layers
+        biases = {FULL: bias}
+        if SLIDING in layer_types:
+            biases[SLIDING] = decoding.sliding_window_bias(bias, 0 if cache is None else cache["index"],
+                                                           self.sliding_window)
+        rope = {FULL: self.inv_freq, SLIDING: self.local_inv_freq or self.inv_freq}
         block_cls = nn.remat(LlamaBlock, static_argnums=(6,)) if self.remat else LlamaBlock
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
         for i in range(self.num_layers):
-            block = block_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.inner_dim, self.inv_freq,
+            kind = layer_types[i]
+            block = block_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.inner_dim, rope[kind],
                               self.activation, self.eps, self.attention_bias, self.mlp_bias, self.attention_dropout,
-                              self.init_std, name=f"layer_{i}", **kw)
+                              self.init_std, name=f"layer_{i}", variant=self.variant, **kw)
             if cache is None:
-                x, _ = block(x, bias, position_ids, None, None, deterministic)
+                x, _ = block(x, biases[kind], position_ids, None, None, deterministic)
             else:
-                x, new_cache[f"layer_{i}"] = block(x, bias, position_ids, cache[f"layer_{i}"], cache["index"],
-                                                   deterministic)
-        x = RMSNorm(self.eps, name="norm", **kw)(x)
+                x, new_cache[f"layer_{i}"] = block(x, biases[kind], position_ids, cache[f"layer_{i}"],
+                                                   cache["index"], deterministic)
+        x = RMSNorm(self.eps, name="norm", offset=self.variant.norm_offset, **kw)(x)
         logits = self._head(embed, x, kw) if head else x
         return logits if cache is None else (logits, new_cache)
 
     def _head(self, embed, x, kw):
+        """Logits of the final norm's output `x`, soft-capped where the variant caps them (Gemma 2):
+        the full forward and the chunked loss (`logits_from_hidden`) both end here."""
         if self.tie_word_embeddings:
-            return embed.attend(x)
-        return common.dense(self.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False,
-                            init_std=self.init_std, **kw)(x)
+            logits = embed.attend(x)
+        else:
+            logits = common.dense(self.vocab_size, ("embed", "vocab"), name="lm_head", use_bias=False,
+                                  init_std=self.init_std, **kw)(x)
+        if self.variant.final_softcap is not None:
+            cap = self.variant.final_softcap
+            logits = jnp.tanh(logits / cap) * cap
+        return logits
+
+
+# model_type -> (the HF causal-LM class, tie_word_embeddings default); every one is built here.
+ARCHITECTURES = {
+    "llama": ("LlamaForCausalLM", False), "mistral": ("MistralForCausalLM", False),
+    "qwen2": ("Qwen2ForCausalLM", False), "qwen3": ("Qwen3ForCausalLM", False),
+    "gemma": ("GemmaForCausalLM", True), "gemma2": ("Gemma2ForCausalLM", True),
+    "gemma3_text": ("Gemma3ForCausalLM", True),
+}
+GEMMAS = ("gemma", "gemma2", "gemma3_text")
+
+
+def variant(hf_config: dict) -> Variant:
+    """The `Variant` of an HF config's `model_type` (and its soft-capping / scaling fields)."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type in ("llama", "mistral"):
+        return LLAMA
+    if model_type == "qwen2":
+        return Variant(qkv_bias=True)
+    if model_type == "qwen3":
+        return Variant(qk_norm=True)
+    if model_type == "gemma":
+        return Variant(norm_offset=1.0, embed_scale=True)
+    if model_type in ("gemma2", "gemma3_text"):
+        return Variant(norm_offset=1.0, qk_norm=model_type == "gemma3_text", post_norms=True, embed_scale=True,
+                       attn_scale=float(hf_config.get("query_pre_attn_scalar", 256)) ** -0.5,
+                       attn_softcap=hf_config.get("attn_logit_softcapping"),
+                       final_softcap=hf_config.get("final_logit_softcapping"))
+    raise ValueError(f"llama family: model_type {model_type!r} is not supported; supported: {sorted(ARCHITECTURES)}")
+
+
+def layer_types(hf_config: dict) -> tuple[str, ...] | None:
+    """Each layer's attention ("full_attention" | "sliding_attention") as transformers derives it when
+    config.json has no `layer_types`; None when every layer is global."""
+    model_type, n = hf_config.get("model_type", "llama"), hf_config["num_hidden_layers"]
+    window = hf_config.get("sliding_window")
+    if model_type in ("qwen2", "qwen3") and not hf_config.get("use_sliding_window", False):
+        window = None
+    if hf_config.get("layer_types"):
+        kinds = tuple(hf_config["layer_types"])
+        bad = sorted(set(kinds) - {FULL, SLIDING})
+        if bad or len(kinds) != n:
+            raise ValueError(f"llama config: layer_types must list {n} of {[FULL, SLIDING]}, got {list(kinds)}")
+    elif model_type == "gemma2":
+        kinds = tuple(SLIDING if (i + 1) % 2 else FULL for i in range(n))
+    elif model_type == "gemma3_text":
+        pattern = hf_config.get("sliding_window_pattern", 6)
+        kinds = tuple(SLIDING if (i + 1) % pattern else FULL for i in range(n))
+    elif model_type == "mistral":
+        kinds = (SLIDING,) * n if window is not None else (FULL,) * n
+    elif model_type in ("qwen2", "qwen3"):
+        first = hf_config.get("max_window_layers", 28)
+        kinds = tuple(SLIDING if window is not None and i >= first else FULL for i in range(n))
+    else:
+        kinds = (FULL,) * n
+    if SLIDING not in kinds:
+        return None
+    if not window:
+        raise ValueError(f"llama config: layer_types has sliding_attention layers but sliding_window is {window!r}")
+    return kinds
+
+
+def _rope_config(hf_config: dict, kind: str) -> dict:
+    """The rope fields for one layer kind: Gemma 3 keeps one set per kind (`rope_parameters[kind]`, or
+    legacy rope_theta / rope_local_base_freq); the other families one set for all layers."""
+    rope = hf_config.get("rope_parameters") or {}
+    if hf_config.get("model_type") != "gemma3_text":
+        return hf_config
+    if FULL in rope or SLIDING in rope:
+        return {"rope_parameters": rope.get(kind) or {"rope_theta": 1e6 if kind == FULL else 1e4}}
+    if kind == SLIDING:
+        return {"rope_theta": hf_config.get("rope_local_base_freq", 10000.0)}
+    return {"rope_theta": hf_config.get("rope_theta", 1e6), "rope_scaling": hf_config.get("rope_scaling")}
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,
           remat: bool = False) -> LlamaForCausalLM:
-    """LlamaForCausalLM from an HF config.json dict (the causal LM is the only architecture)."""
-    if (architecture or "LlamaForCausalLM") != "LlamaForCausalLM":
-        raise ValueError(f"llama supports architecture 'LlamaForCausalLM', got {architecture!r}")
+    """The causal LM of an HF config.json dict (`model_type` one of `ARCHITECTURES`)."""
+    model_type = hf_config.get("model_type", "llama")
+    if model_type not in ARCHITECTURES:
+        raise ValueError(f"llama family: model_type {model_type!r} is not supported; supported: "
+                         f"{sorted(ARCHITECTURES)}")
+    known, tied = ARCHITECTURES[model_type]
+    if (architecture or known) != known:
+        raise ValueError(f"{model_type} supports architecture {known!r}, got {architecture!r}")
     heads = hf_config["num_attention_heads"]
     kv_heads = hf_config.get("num_key_value_heads") or heads
     if heads % kv_heads:
@@ -228,18 +384,24 @@ def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, archit
                          f"num_key_value_heads {kv_heads}")
     if hf_config.get("pretraining_tp", 1) != 1:
         raise ValueError("llama config field pretraining_tp != 1 is not supported")
+    if hf_config.get("use_bidirectional_attention"):
+        raise ValueError("llama config field use_bidirectional_attention=True (an encoder) is not supported")
     head_dim = hf_config.get("head_dim") or hf_config["hidden_size"] // heads
-    activation = hf_config.get("hidden_act", "silu")
+    activation = hf_config.get("hidden_activation") or hf_config.get("hidden_act", "silu")
     common.activation(activation)
+    kinds = layer_types(hf_config)
+    local = rope_frequencies(_rope_config(hf_config, SLIDING), head_dim) if model_type == "gemma3_text" else None
     return LlamaForCausalLM(
         vocab_size=hf_config["vocab_size"], width=hf_config["hidden_size"],
         num_layers=hf_config["num_hidden_layers"], num_heads=heads, num_kv_heads=kv_heads, head_dim=head_dim,
-        inner_dim=hf_config["intermediate_size"], inv_freq=rope_frequencies(hf_config, head_dim),
+        inner_dim=hf_config["intermediate_size"], inv_freq=rope_frequencies(_rope_config(hf_config, FULL), head_dim),
         activation=activation, eps=hf_config.get("rms_norm_eps", 1e-6),
         attention_bias=hf_config.get("attention_bias", False), mlp_bias=hf_config.get("mlp_bias", False),
         attention_dropout=hf_config.get("attention_dropout", 0.0),
-        tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
-        init_std=hf_config.get("initializer_range", 0.02), dtype=dtype, param_dtype=param_dtype, remat=remat)
+        tie_word_embeddings=hf_config.get("tie_word_embeddings", tied),
+        init_std=hf_config.get("initializer_range", 0.02), dtype=dtype, param_dtype=param_dtype, remat=remat,
+        variant=variant(hf_config), layer_types=kinds,
+        sliding_window=hf_config.get("sliding_window") if kinds else None, local_inv_freq=local)
 
 
 def dummy_inputs(hf_config: dict) -> tuple:
@@ -247,30 +409,44 @@ def dummy_inputs(hf_config: dict) -> tuple:
     return (jnp.zeros((1, 2), jnp.int32),)
 
 
+def _tied(hf_config: dict) -> bool:
+    return hf_config.get("tie_word_embeddings", ARCHITECTURES.get(hf_config.get("model_type", "llama"),
+                                                                  (None, False))[1])
+
+
 def _entries(hf_config: dict) -> list[common.Entry]:
     E = common.Entry
+    v = variant(hf_config)
     out = [E(("embed_tokens", "embedding"), "model.embed_tokens.weight"), E(("norm", "scale"), "model.norm.weight")]
-    if not hf_config.get("tie_word_embeddings", False):
+    if not _tied(hf_config):
         out += common.linear(("lm_head",), "lm_head", bias=False)
     attn_bias, mlp_bias = hf_config.get("attention_bias", False), hf_config.get("mlp_bias", False)
+    norms = {"attn_norm": "input_layernorm", "mlp_norm": "post_attention_layernorm"}
+    if v.post_norms:
+        norms = {"attn_norm": "input_layernorm", "attn_post_norm": "post_attention_layernorm",
+                 "mlp_norm": "pre_feedforward_layernorm", "mlp_post_norm": "post_feedforward_layernorm"}
     for i in range(hf_config["num_hidden_layers"]):
         ours, hf = f"layer_{i}", f"model.layers.{i}."
-        out.append(E((ours, "attn_norm", "scale"), hf + "input_layernorm.weight"))
-        out.append(E((ours, "mlp_norm", "scale"), hf + "post_attention_layernorm.weight"))
+        for name, hf_norm in norms.items():
+            out.append(E((ours, name, "scale"), hf + hf_norm + ".weight"))
+        if v.qk_norm:
+            out.append(E((ours, "attention", "query_norm", "scale"), hf + "self_attn.q_norm.weight"))
+            out.append(E((ours, "attention", "key_norm", "scale"), hf + "self_attn.k_norm.weight"))
         for name in ("query", "key", "value", "attn_out"):
-            out += common.linear((ours, "attention", name), hf + HF_MODULE_NAMES[name], bias=attn_bias)
+            bias = attn_bias or (v.qkv_bias and name != "attn_out")
+            out += common.linear((ours, "attention", name), hf + HF_MODULE_NAMES[name], bias=bias)
         for name in ("gate", "up", "down"):
             out += common.linear((ours, name), hf + HF_MODULE_NAMES[name], bias=mlp_bias)
     return out
 
 
 def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, finish=None) -> dict:
-    """HF LlamaForCausalLM / LlamaModel tensors -> params (a tied checkpoint's lm_head copy is ignored).
+    """HF *ForCausalLM / *Model tensors -> params (a tied checkpoint's lm_head copy is ignored).
 
     LlamaModel checkpoints lack the `model.` prefix; it is added so errors use one naming.
     `finish` is applied to each leaf as it is made (`common.params_from_entries`).
     """
-    ignore = IGNORED + ((r"^lm_head\.weight$",) if hf_config.get("tie_word_embeddings", False) else ())
+    ignore = IGNORED + ((r"^lm_head\.weight$",) if _tied(hf_config) else ())
     return common.params_from_entries(
         {k if k.startswith(("model.", "lm_head.")) else "model." + k: v for k, v in tensors.items()},
         _entries(hf_config),
@@ -278,5 +454,5 @@ def params_from_hf(tensors: dict[str, np.ndarray], hf_config: dict, *, finish=No
 
 
 def params_to_hf(params: dict, hf_config: dict) -> dict[str, np.ndarray]:
-    """Params -> HF LlamaForCausalLM tensors."""
+    """Params -> HF *ForCausalLM tensors."""
     return common.params_to_entries(params, _entries(hf_config))
