@@ -1,6 +1,6 @@
 """The chunked causal-LM loss (`vera_jax.train.losses`, `vera_jax.tasks.causal_lm`): equal to the
 loss from all logits, value and gradient, for every causal LM of the zoo (GPT-2, LLaMA tied and
-untied), with label smoothing, dropout and a chunk that does not divide the sequence; and the
+untied, Gemma 2's soft-capped head), with label smoothing, dropout and a chunk that does not divide the sequence; and the
 memory it saves, from XLA's buffer plan of the jitted gradient."""
 
 from __future__ import annotations
@@ -23,6 +23,10 @@ MODELS = {
     "gpt2": lambda: gpt2.build(GPT2),
     "llama": lambda: llama.build(LLAMA),
     "llama_tied": lambda: llama.build({**LLAMA, "tie_word_embeddings": True}),
+    # Gemma 2: a soft-capped head (the chunked loss must cap as the full forward does), a sliding layer
+    "gemma2": lambda: llama.build({**LLAMA, "model_type": "gemma2", "tie_word_embeddings": True, "head_dim": 16,
+                                   "final_logit_softcapping": 3.0, "attn_logit_softcapping": 2.0,
+                                   "sliding_window": 4, "query_pre_attn_scalar": 16}),
 }
 
 
