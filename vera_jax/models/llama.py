@@ -7,6 +7,7 @@ MLP. The LM head is its own Dense unless `tie_word_embeddings`. Param tree:
     embed_tokens/embedding, norm, lm_head (untied only)
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm (HF input_layernorm),
     layer_{i}/{gate,up,down}, layer_{i}/mlp_norm (HF post_attention_layernorm)
+    (scan_layers: the layer_{i} subtrees are one `layers` subtree, leaves stacked (L, ...))
 """
 
 from __future__ import annotations
@@ -102,8 +103,7 @@ class LlamaAttention(nn.Module):
         key = apply_rope(project("key", self.num_kv_heads), position_ids, self.inv_freq)
         value = project("value", self.num_kv_heads)
         if layer_cache is not None:
-            layer_cache = decoding.update_cache(layer_cache, cache_index, key, value)
-            key, value = layer_cache["key"], layer_cache["value"]
+            layer_cache, key, value = decoding.write_cache(layer_cache, cache_index, key, value)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
         out = decoding.attend(query, key, value, bias, self.head_dim ** -0.5, dropout)
         return common.dense(width, ("heads", "embed"), name="attn_out", **kw)(out), layer_cache
@@ -149,6 +149,7 @@ class LlamaForCausalLM(nn.Module):
 
     `attention_mask` (1 = token, 0 = pad) is (batch, T), or (batch, cache length) with a
     cache; position ids default to counts of unmasked tokens, so left padding works.
+    `scan_layers` runs the blocks under one nn.scan (`common.scan_blocks`) with a stacked cache.
     """
 
     vocab_size: int
@@ -169,11 +170,12 @@ class LlamaForCausalLM(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """Empty KV cache for `batch_size` sequences of at most `max_length` tokens."""
         return decoding.init_cache(batch_size, max_length, self.num_layers, self.num_kv_heads, self.head_dim,
-                                   self.dtype)
+                                   self.dtype, stacked=self.scan_layers)
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, position_ids=None, cache=None, deterministic=True):
@@ -184,15 +186,21 @@ class LlamaForCausalLM(nn.Module):
         x = embed(input_ids)
         block_cls = nn.remat(LlamaBlock, static_argnums=(6,)) if self.remat else LlamaBlock
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
-        for i in range(self.num_layers):
+        names = [common.LAYERS] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
+        for name in names:
             block = block_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.inner_dim, self.inv_freq,
                               self.activation, self.eps, self.attention_bias, self.mlp_bias, self.attention_dropout,
-                              self.init_std, name=f"layer_{i}", **kw)
-            if cache is None:
+                              self.init_std, name=name, **kw)
+            if self.scan_layers and cache is None:
+                x = common.scan_blocks(block, self.num_layers, x, bias, position_ids, None, None, deterministic)
+            elif self.scan_layers:
+                x, new_cache[name] = common.scan_blocks(block, self.num_layers, x, bias, position_ids,
+                                                        common.LAYER_CACHE, cache["index"], deterministic,
+                                                        cache=cache[name])
+            elif cache is None:
                 x, _ = block(x, bias, position_ids, None, None, deterministic)
             else:
-                x, new_cache[f"layer_{i}"] = block(x, bias, position_ids, cache[f"layer_{i}"], cache["index"],
-                                                   deterministic)
+                x, new_cache[name] = block(x, bias, position_ids, cache[name], cache["index"], deterministic)
         x = RMSNorm(self.eps, name="norm", **kw)(x)
         if self.tie_word_embeddings:
             logits = embed.attend(x)
@@ -203,7 +211,7 @@ class LlamaForCausalLM(nn.Module):
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,
-          remat: bool = False) -> LlamaForCausalLM:
+          remat: bool = False, scan_layers: bool = False) -> LlamaForCausalLM:
     """LlamaForCausalLM from an HF config.json dict (the causal LM is the only architecture)."""
     if (architecture or "LlamaForCausalLM") != "LlamaForCausalLM":
         raise ValueError(f"llama supports architecture 'LlamaForCausalLM', got {architecture!r}")
@@ -225,7 +233,8 @@ def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, archit
         attention_bias=hf_config.get("attention_bias", False), mlp_bias=hf_config.get("mlp_bias", False),
         attention_dropout=hf_config.get("attention_dropout", 0.0),
         tie_word_embeddings=hf_config.get("tie_word_embeddings", False),
-        init_std=hf_config.get("initializer_range", 0.02), dtype=dtype, param_dtype=param_dtype, remat=remat)
+        init_std=hf_config.get("initializer_range", 0.02), dtype=dtype, param_dtype=param_dtype, remat=remat,
+        scan_layers=scan_layers)
 
 
 def dummy_inputs(hf_config: dict) -> tuple:
