@@ -21,6 +21,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.quantize = ""  # "" | "nf4" | "int8": frozen linear kernels (all but lm_head and model.head) kept quantized;
     # "gguf": a .gguf checkpoint's Q4_0/Q4_1 linear weights kept in their stored 4-bit blocks
     m.dtype = "float32"  # float32 | bfloat16 | float16: the loaded params (compute_dtype casts per step)
+    m.scan_layers = False  # True: the blocks run under one nn.scan (params stacked (layers, ...)); flat compile time
     return m
 
 
