@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -164,7 +163,8 @@ def test_scanned_kv_cache_greedy_equals_unrolled(saved, name):
     runs = [np.asarray(generate.greedy(m, p, jnp.asarray(ids), jnp.asarray(mask), 6, None, 1))
             for m, p in ((unrolled, params), (scanned, stacked))]
     np.testing.assert_array_equal(runs[1], runs[0])
-    beams = [np.asarray(generate.beam_search(m, p, jnp.asarray(ids), jnp.asarray(mask), 4, 3, 1.0, None, 1)) for m, p in ((unrolled, params), (scanned, stacked))]
+    beams = [np.asarray(generate.beam_search(m, p, jnp.asarray(ids), jnp.asarray(mask), 4, 3, 1.0, None, 1))
+             for m, p in ((unrolled, params), (scanned, stacked))]
     np.testing.assert_array_equal(beams[1], beams[0])
     with torch.no_grad():
         hf = torch_model.generate(torch.tensor(ids), attention_mask=torch.tensor(mask), do_sample=False,

@@ -103,7 +103,8 @@ class ModelSpec:
             mesh = dict(mesh=sharding.make_mesh(config.mesh), rules=tuple(tuple(r) for r in config.mesh.rules))
         return cls(checkpoint=m.checkpoint, tokenizer=m.tokenizer, head=tuple(m.head), random_init=bool(m.random_init),
                    overrides=dict(m.overrides), quantize=m.get("quantize", ""), dtype=m.get("dtype", "float32"),
-                   scan_layers=bool(m.get("scan_layers", False)), seed=config.seed, network_timeout=config.network_timeout, **mesh, **options)
+                   scan_layers=bool(m.get("scan_layers", False)), seed=config.seed,
+                   network_timeout=config.network_timeout, **mesh, **options)
 
 
 @dataclasses.dataclass
