@@ -87,7 +87,7 @@ def test_scanned_equals_unrolled_zoo_model(name):
     unrolled = loader.random_model(hf_config, seed=3)
     scanned = loader.LoadedModel(unrolled.module.clone(scan_layers=True), common.stack_layers(unrolled.params),
                                  None, hf_config, "", None)
-    assert "layers" in scanned.params and not any(k.startswith("layer_") for k in scanned.params)
+    assert "layer" in scanned.params and not any(k.startswith("layer_") for k in scanned.params)
     jax.tree.map(np.testing.assert_array_equal, common.unstack_layers(scanned.params), unrolled.params)
     args, _ = inputs(name)
 
@@ -117,7 +117,7 @@ def test_scanned_layers_carry_the_layers_axis_name(name):
     stacked = jax.eval_shape(common.stack_layers, unrolled.params)
     assert jax.tree.map(lambda x: (x.shape, x.dtype), scanned.params) == jax.tree.map(lambda x: (x.shape, x.dtype),
                                                                                         stacked)
-    flat = jax.tree_util.tree_flatten_with_path(scanned.param_axes["layers"],
+    flat = jax.tree_util.tree_flatten_with_path(scanned.param_axes["layer"],
                                                 is_leaf=lambda x: isinstance(x, jax.sharding.PartitionSpec))[0]
     assert flat
     for path, spec in flat:
@@ -131,7 +131,7 @@ def test_scanned_layers_carry_the_layers_axis_name(name):
 def test_scanned_checkpoint_matches_transformers_and_exports_back(saved, name, tmp_path):
     path, torch_model = saved(name)
     model, params, _ = from_pretrained(path, scan_layers=True)
-    assert model.scan_layers and jax.tree.leaves(params["layers"])[0].shape[0] == 3
+    assert model.scan_layers and jax.tree.leaves(params["layer"])[0].shape[0] == 3
     args, torch_kw = inputs(name)
     with torch.no_grad():
         want = torch_model(**torch_kw).logits.numpy()
@@ -156,7 +156,7 @@ def test_scanned_kv_cache_greedy_equals_unrolled(saved, name):
     unrolled, params, _ = from_pretrained(path)
     scanned, stacked, _ = from_pretrained(path, scan_layers=True)
     cache = scanned.init_cache(2, 11)
-    assert set(cache) == {"index", "layers"} and cache["layers"]["key"].shape[:3] == (2, 11, 3)
+    assert set(cache) == {"index", "layer"} and cache["layer"]["key"].shape[:3] == (2, 11, 3)
     ids = np.random.RandomState(1).randint(3, 99, (2, 5))
     mask = np.ones_like(ids)
     mask[1, :2] = 0  # left padding

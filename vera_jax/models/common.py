@@ -11,9 +11,10 @@ Checkpoint conversion is declared once per family as a list of `Entry`s (one HF 
 in both directions and report every missing, unexpected and misshapen tensor at once.
 
 Scanned layers (`scan_layers=True` in every family): the blocks run under one `nn.scan`
-(`scan_blocks`), so compile time does not grow with depth; their params are one subtree `layers`
+(`scan_blocks`), so compile time does not grow with depth; their params are one subtree `layer`
 whose leaves carry a leading layer axis, named "layers" in the partitioning metadata (what the
-adapters read to adapt each layer as its unrolled twin). Checkpoints keep HF's per-layer tensors:
+adapters read to adapt each layer as its unrolled twin, whose layers `layer_{i}` are exactly the
+unrolled model's, so adapter files serve both layouts). Checkpoints keep HF's per-layer tensors:
 `stack_layers` / `unstack_layers` convert between the unrolled `layer_{i}` trees and the stack.
 """
 
@@ -31,7 +32,8 @@ import numpy as np
 from vera_jax.tree import flatten, get_path, set_path, unflatten
 
 Dtype = Any
-LAYERS = "layers"  # the scanned blocks' subtree and the logical name of their leading axis
+LAYERS = "layers"  # the logical (partitioning) name of the scanned params' leading axis
+SCANNED = "layer"  # the scanned blocks' subtree: its unrolled twin's layers are `layer_{i}`, as unrolled models
 LAYER_CACHE = object()  # `scan_blocks` argument standing for each layer's view of the stacked KV cache
 _LAYER = re.compile(r"^layer_(\d+)$")
 
@@ -160,7 +162,7 @@ class SelfAttention(nn.Module):
 
 def scan_blocks(block: nn.Module, num_layers: int, x, *args, cache: dict | None = None):
     """`x = block(x, *args)` for `num_layers` layers under one `nn.scan`: `block` (unbound, named
-    `LAYERS`, `nn.remat`-wrapped where the unrolled path is) gets params stacked on a leading axis
+    `SCANNED`, `nn.remat`-wrapped where the unrolled path is) gets params stacked on a leading axis
     whose partitioning name is "layers", and its own dropout key per layer.
 
     A block may return (x, layer cache); without `cache` the second part is dropped and `x` is
@@ -186,7 +188,7 @@ def scan_blocks(block: nn.Module, num_layers: int, x, *args, cache: dict | None 
 
 
 def stack_layers(params: dict) -> dict:
-    """Unrolled params (top-level `layer_0` ... `layer_{L-1}`) -> scanned params (one `layers`
+    """Unrolled params (top-level `layer_0` ... `layer_{L-1}`) -> scanned params (one `layer`
     subtree, each array stacked on a leading axis); other subtrees unchanged. Quantized kernels
     are refused: quantize the scanned tree instead."""
     index = {int(m.group(1)): k for k in params if (m := _LAYER.match(str(k)))}
@@ -199,20 +201,20 @@ def stack_layers(params: dict) -> dict:
                              "array; stack the float params, then quantize the stacked tree")
     rest = {k: v for k, v in params.items() if k not in index.values()}
     stack = np.stack if all(isinstance(v, np.ndarray) for v in jax.tree.leaves(layers)) else jnp.stack
-    return {**rest, LAYERS: jax.tree.map(lambda *xs: stack(xs), *layers)}
+    return {**rest, SCANNED: jax.tree.map(lambda *xs: stack(xs), *layers)}
 
 
 def unstack_layers(params: dict) -> dict:
-    """Inverse of `stack_layers`: a scanned tree's `layers` subtree -> `layer_{i}` subtrees
-    (params without `layers` are returned as they are)."""
-    if LAYERS not in params:
+    """Inverse of `stack_layers`: a scanned tree's `layer` subtree -> `layer_{i}` subtrees
+    (params without `layer` are returned as they are)."""
+    if SCANNED not in params:
         return params
-    stack = params[LAYERS]
+    stack = params[SCANNED]
     count = {np.shape(v)[0] for v in jax.tree.leaves(stack)}
     if len(count) != 1:
-        raise ValueError(f"unstack_layers: the leaves of {LAYERS!r} disagree on the layer count: {sorted(count)}")
+        raise ValueError(f"unstack_layers: the leaves of {SCANNED!r} disagree on the layer count: {sorted(count)}")
     (n,) = count
-    rest = {k: v for k, v in params.items() if k != LAYERS}
+    rest = {k: v for k, v in params.items() if k != SCANNED}
     return {**rest, **{f"layer_{i}": jax.tree.map(lambda v, i=i: v[i], stack) for i in range(n)}}
 
 

@@ -11,7 +11,7 @@ position ids count only unmasked slots. `cache["index"]` is a scalar (every row 
 slot, as the generation loops use it) or one index per row, shape `(batch,)` (a serving
 engine's slots, each at its own length).
 
-A scanned model (`scan_layers=True`) keeps one stacked cache, {"index", "layers": {"key",
+A scanned model (`scan_layers=True`) keeps one stacked cache, {"index", "layer": {"key",
 "value"}: (batch, max_length, layers, kv, head_dim)}, carried through its scan: the batch and slot
 axes stay first, so the generation loops and the serving engine treat both layouts alike.
 """
@@ -24,7 +24,7 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
-STACKED = "layers"  # a scanned model's cache entry (`common.LAYERS`)
+STACKED = "layer"  # a scanned model's cache entry, named as its scanned blocks (`common.SCANNED`)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -35,7 +35,7 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 def init_cache(batch_size: int, max_length: int, num_layers: int, num_kv_heads: int,
                head_dim: int, dtype, stacked: bool = False) -> dict:
     """Zero KV cache: {"index": 0, "layer_i": {"key", "value"}: (batch, max_length, kv, head_dim)};
-    `stacked` (scanned models): {"index": 0, "layers": {"key", "value"}: (batch, max_length,
+    `stacked` (scanned models): {"index": 0, "layer": {"key", "value"}: (batch, max_length,
     num_layers, kv, head_dim)}."""
     if stacked:
         shape = (batch_size, max_length, num_layers, num_kv_heads, head_dim)

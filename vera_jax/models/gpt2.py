@@ -8,7 +8,7 @@ head is tied to `wte` (no params of its own). Param tree:
     wte/embedding, wpe/embedding, ln_f
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm (HF ln_1),
     layer_{i}/mlp_in, layer_{i}/mlp_out, layer_{i}/mlp_norm (HF ln_2)
-    (scan_layers: the layer_{i} subtrees are one `layers` subtree, leaves stacked (L, ...))
+    (scan_layers: the layer_{i} subtrees are one `layer` subtree, leaves stacked (L, ...))
 """
 
 from __future__ import annotations
@@ -126,7 +126,7 @@ class GPT2LMHeadModel(nn.Module):
 
         block_cls = nn.remat(GPT2Block, static_argnums=(5,)) if self.remat else GPT2Block
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
-        names = [common.LAYERS] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
+        names = [common.SCANNED] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
         for i, name in enumerate(names):  # build refuses scan_layers with scale_attn_by_inverse_layer_idx
             scale = (self.width // self.num_heads) ** -0.5 if self.scale_attn_weights else 1.0
             if self.scale_attn_by_inverse_layer_idx:

@@ -254,7 +254,7 @@ def from_pretrained(
     by `rules`, e.g. the trainer's `config.mesh.rules`). A `.gguf` file is read whole first.
 
     `scan_layers`: the model runs its blocks under one nn.scan and the checkpoint's per-layer
-    tensors are stacked into its `layers` subtree (`common.stack_layers`); `params_to_hf` writes
+    tensors are stacked into its `layer` subtree (`common.stack_layers`); `params_to_hf` writes
     them back per layer. Not with `quantize` (a stacked quantized base belongs to the adapters'
     per-slice handling).
     """

@@ -7,7 +7,7 @@ MLP. The LM head is its own Dense unless `tie_word_embeddings`. Param tree:
     embed_tokens/embedding, norm, lm_head (untied only)
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm (HF input_layernorm),
     layer_{i}/{gate,up,down}, layer_{i}/mlp_norm (HF post_attention_layernorm)
-    (scan_layers: the layer_{i} subtrees are one `layers` subtree, leaves stacked (L, ...))
+    (scan_layers: the layer_{i} subtrees are one `layer` subtree, leaves stacked (L, ...))
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ class LlamaForCausalLM(nn.Module):
         x = embed(input_ids)
         block_cls = nn.remat(LlamaBlock, static_argnums=(6,)) if self.remat else LlamaBlock
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
-        names = [common.LAYERS] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
+        names = [common.SCANNED] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
         for name in names:
             block = block_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.inner_dim, self.inv_freq,
                               self.activation, self.eps, self.attention_bias, self.mlp_bias, self.attention_dropout,

@@ -17,7 +17,7 @@ trainer. Param tree (kernels (in, out)):
     embeddings/layernorm
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm,
     layer_{i}/mlp_in, layer_{i}/mlp_out, layer_{i}/mlp_norm
-                                            (scan_layers: one `layers` subtree, leaves stacked (L, ...))
+                                            (scan_layers: one `layer` subtree, leaves stacked (L, ...))
     pooler                                  (BERT classification only)
     classifier | classifier/{dense,out_proj}  (BERT | RoBERTa classification only)
 """
@@ -191,7 +191,7 @@ class Encoder(nn.Module):
         x = Embeddings(c, name="embeddings", **kw)(input_ids, token_type_ids, position_ids, deterministic)
         block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
         if self.scan_layers:
-            x = common.scan_blocks(block(c, name=common.LAYERS, **kw), c.num_layers, x, attention_mask, deterministic)
+            x = common.scan_blocks(block(c, name=common.SCANNED, **kw), c.num_layers, x, attention_mask, deterministic)
         else:
             for i in range(c.num_layers):
                 x = block(c, name=f"layer_{i}", **kw)(x, attention_mask, deterministic)

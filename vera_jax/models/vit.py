@@ -12,7 +12,7 @@ Param tree:
     layer_{i}/layernorm_before, layer_{i}/attention/{query,key,value,attn_out},
     layer_{i}/layernorm_after, layer_{i}/mlp_in, layer_{i}/mlp_out
     layernorm, classifier (ViTForImageClassification only)
-    (scan_layers: the layer_{i} subtrees are one `layers` subtree, leaves stacked (L, ...))
+    (scan_layers: the layer_{i} subtrees are one `layer` subtree, leaves stacked (L, ...))
 """
 
 from __future__ import annotations
@@ -158,7 +158,7 @@ class ViT(nn.Module):
         x = Embeddings(c, name="embeddings", **kw)(pixel_values.astype(self.dtype), deterministic)
         block = nn.remat(Layer, static_argnums=(2,)) if self.remat else Layer
         if self.scan_layers:
-            x = common.scan_blocks(block(c, name=common.LAYERS, **kw), c.num_layers, x, deterministic)
+            x = common.scan_blocks(block(c, name=common.SCANNED, **kw), c.num_layers, x, deterministic)
         else:
             for i in range(c.num_layers):
                 x = block(c, name=f"layer_{i}", **kw)(x, deterministic)
