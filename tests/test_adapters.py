@@ -140,7 +140,10 @@ def test_dense_general_kernels_flatten_by_the_in_axes_rule():
     model = WithDenseGeneral()
     x = _x((3, 8))
     params = model.init(jax.random.key(0), x)["params"]
-    config = vera_jax.VeraConfig(r=4, targets=("query", "out"), kernel_in_axes={"out": 2})
+    # more than two axes need a rule: one input axis for query (the rest outputs), two for out
+    with pytest.raises(ValueError, match=r"stacked_axes: module query has a kernel of shape \(8, 2, 5\) whose axes"):
+        vera_jax.apply_vera(params, vera_jax.VeraConfig(r=4, targets=("query",)))
+    config = vera_jax.VeraConfig(r=4, targets=("query", "out"), kernel_in_axes={"query": 1, "out": 2})
     adapted = _perturb(vera_jax.apply_vera(params, config))
     assert sorted((s.name, s.in_features, s.out_features) for s in adapted.layers) == [("out", 10, 7), ("query", 8, 10)]
     np.testing.assert_allclose(

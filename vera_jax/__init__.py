@@ -28,7 +28,7 @@ __all__, __getattr__, __dir__ = lazy_exports(__name__, {
         "apply_adapted", "apply_dvora", "apply_factored", "apply_full", "apply_head", "apply_lora", "apply_vera",
         "attach", "call_adapted", "choose_path", "combine", "count_trainable", "find_targets", "fingerprint",
         "get_method", "layer_costs", "layer_delta", "load_adapter", "make_projections", "merge", "nnx_merge",
-        "optax_labels", "partition", "save_adapter",
+        "optax_labels", "partition", "save_adapter", "unstack",
     ),
     ".adapters.methods.registry": ("register_method", "unregister_method"),
     ".interop": ("PeftFormatError", "export_merged", "load_peft_adapter", "save_peft_adapter", "to_lora",

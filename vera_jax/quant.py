@@ -46,7 +46,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import math
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import flax
 import flax.linen as nn
@@ -56,7 +56,7 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from .tree import flatten, get_path, matches, path_str, set_path
+from .tree import flatten, get_path, matches, path_str, prefix_rules, set_path
 
 METHODS = ("nf4", "int8")
 # QLoRA, Appendix E (bitsandbytes' NF4 table): quantiles of N(0, 1) normalised to [-1, 1], exact 0.
@@ -72,10 +72,27 @@ DEFAULT_SKIP = ("lm_head", "classifier")  # output layers stay in full precision
 
 class QuantizedKernel:
     """A frozen (in, *out) kernel stored quantized; `shape`, `ndim`, `dtype` and `size` describe
-    the full-precision kernel it stands for (what the adapters and cost model read)."""
+    the full-precision kernel it stands for (what the adapters and cost model read).
 
-    shape: tuple
+    Stacked layers (an nn.scan's (L, in, out) kernel, `quantize_params(stacked_axes=...)`): each
+    layer's slice is quantized on its own and every array gains the leading layer axes; the static
+    `layer_shape` is one layer's, and `shape` adds the leading axes the arrays carry, so a slice
+    (what nn.scan hands each iteration, or `x[i]` of every array) is a valid one-layer kernel."""
+
+    layer_shape: tuple
     dtype_name: str
+    _codes_ndim = 2  # axes of one layer's codes
+
+    @property
+    def shape(self) -> tuple:
+        lead = self.codes.shape[: len(self.codes.shape) - self._codes_ndim]
+        return tuple(lead) + tuple(self.layer_shape)
+
+    def _dequantize_stacked(self):
+        """One layer's dequantize vmapped over the leading layer axes, or None when there are none."""
+        if len(self.codes.shape) == self._codes_ndim:
+            return None
+        return jax.vmap(type(self).dequantize)(self)
 
     @property
     def ndim(self) -> int:
@@ -104,12 +121,15 @@ class NF4Kernel(QuantizedKernel):
     absmax: jax.Array
     absmax_scale: jax.Array
     absmax_offset: jax.Array
-    shape: tuple = struct.field(pytree_node=False)
+    layer_shape: tuple = struct.field(pytree_node=False)
     dtype_name: str = struct.field(pytree_node=False)
     block_size: int = struct.field(pytree_node=False, default=64)
     method = "nf4"
 
     def dequantize(self) -> jax.Array:
+        stacked = self._dequantize_stacked()
+        if stacked is not None:
+            return stacked
         n_in, n_out = self.codes.shape[0] * 2, self.codes.shape[1]
         nibbles = jnp.stack([self.codes & 0xF, self.codes >> 4], axis=1).reshape(n_in, n_out)
         values = jnp.asarray(NF4_CODEBOOK)[nibbles.astype(jnp.int32)]
@@ -117,7 +137,7 @@ class NF4Kernel(QuantizedKernel):
         absmax = (self.absmax.astype(jnp.float32) * jnp.repeat(self.absmax_scale.astype(jnp.float32), group, axis=1)
                   + self.absmax_offset.astype(jnp.float32))
         w = values.reshape(n_in // self.block_size, self.block_size, n_out) * absmax[:, None, :]
-        return w.reshape(self.shape).astype(self.dtype)
+        return w.reshape(self.layer_shape).astype(self.dtype)
 
 
 @struct.dataclass
@@ -126,13 +146,16 @@ class Int8Kernel(QuantizedKernel):
 
     codes: jax.Array
     scale: jax.Array
-    shape: tuple = struct.field(pytree_node=False)
+    layer_shape: tuple = struct.field(pytree_node=False)
     dtype_name: str = struct.field(pytree_node=False)
     method = "int8"
 
     def dequantize(self) -> jax.Array:
+        stacked = self._dequantize_stacked()
+        if stacked is not None:
+            return stacked
         w = self.codes.astype(jnp.float32) * self.scale.astype(jnp.float32)
-        return w.reshape(self.shape).astype(self.dtype)
+        return w.reshape(self.layer_shape).astype(self.dtype)
 
 
 @struct.dataclass
@@ -145,9 +168,10 @@ class GGUFQ4Kernel(QuantizedKernel):
     codes: jax.Array
     scale: jax.Array
     minimum: jax.Array | None
-    shape: tuple = struct.field(pytree_node=False)
+    layer_shape: tuple = struct.field(pytree_node=False)
     dtype_name: str = struct.field(pytree_node=False)
     method: str = struct.field(pytree_node=False, default="q4_0")
+    _codes_ndim = 3
 
     @classmethod
     def from_blocks(cls, data: np.ndarray, method: str, shape_out_in: tuple[int, int]) -> "GGUFQ4Kernel":
@@ -161,10 +185,13 @@ class GGUFQ4Kernel(QuantizedKernel):
                    None if minimum is None else jnp.asarray(minimum), (n_in, n_out), "float32", method)
 
     def dequantize(self) -> jax.Array:
+        stacked = self._dequantize_stacked()
+        if stacked is not None:
+            return stacked
         q = jnp.concatenate([self.codes & 0xF, self.codes >> 4], axis=-1).astype(jnp.float32)
         scale = self.scale.astype(jnp.float32)[..., None]
         w = q * scale + self.minimum.astype(jnp.float32)[..., None] if self.minimum is not None else (q - 8) * scale
-        return w.reshape(self.shape[1], self.shape[0]).T.astype(self.dtype)
+        return w.reshape(self.layer_shape[1], self.layer_shape[0]).T.astype(self.dtype)
 
 
 def is_quantized(x) -> bool:
@@ -215,7 +242,15 @@ def quantize_int8(kernel, name: str = "kernel") -> Int8Kernel:
     return Int8Kernel(*_int8_arrays(jnp.asarray(kernel, jnp.float32).reshape(shape[0], -1)), shape, dtype)
 
 
-def quantize_kernel(kernel, method: str, block_size: int = 64, name: str = "kernel") -> QuantizedKernel:
+def quantize_kernel(kernel, method: str, block_size: int = 64, name: str = "kernel",
+                    stacked: int = 0) -> QuantizedKernel:
+    """`kernel` quantized by `method`; its first `stacked` axes are layers (nn.scan), each layer's
+    slice quantized on its own (its own blocks and scales), the arrays stacked on those axes."""
+    if stacked:
+        lead = tuple(kernel.shape[:stacked])
+        slices = jnp.asarray(kernel).reshape((-1,) + tuple(kernel.shape[stacked:]))
+        parts = [quantize_kernel(slices[i], method, block_size, f"{name} (layer {i})") for i in range(len(slices))]
+        return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *parts)
     if method == "nf4":
         return quantize_nf4(kernel, block_size, name)
     if method == "int8":
@@ -241,9 +276,11 @@ def linear_paths(params, targets: Iterable[str] | None = None, skip: Iterable[st
 
 
 def quantize_params(params, method: str, *, targets: Iterable[str] | None = None,
-                    skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 64) -> dict:
+                    skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 64, stacked_axes=()) -> dict:
     """A copy of the plain params tree with the chosen kernels quantized (`linear_paths`); other
-    leaves are kept as they are. `method`: "nf4" | "int8"."""
+    leaves are kept as they are. `method`: "nf4" | "int8". `stacked_axes`: pattern of a scanned
+    module -> its number of leading layer axes (as the adapter configs' field): kernels under it
+    are quantized one layer at a time."""
     if method not in METHODS:
         raise ValueError(f"quantize: method {method!r} is not one of {list(METHODS)}")
     out = jax.tree.map(lambda x: x, params, is_leaf=is_quantized)
@@ -251,10 +288,15 @@ def quantize_params(params, method: str, *, targets: Iterable[str] | None = None
     if not paths:
         raise ValueError(f"quantize: targets {None if targets is None else list(targets)} (skip {list(skip)}) "
                          "matched no linear module")
+    rules = tuple((dict(stacked_axes) if not isinstance(stacked_axes, Mapping) else stacked_axes).items())
     for path in paths:
         kernel = get_path(params, path + ("kernel",))
         if not is_quantized(kernel):
-            set_path(out, path + ("kernel",), quantize_kernel(kernel, method, block_size, path_str(path)))
+            stacked = sum(n for _, n in prefix_rules(path, rules))
+            if len(np.shape(kernel)) - stacked < 2:
+                raise ValueError(f"quantize: stacked_axes gives module {path_str(path)} (kernel {np.shape(kernel)}) "
+                                 f"{stacked} layer axes, leaving no (in, out) kernel")
+            set_path(out, path + ("kernel",), quantize_kernel(kernel, method, block_size, path_str(path), stacked))
     return out
 
 
@@ -298,13 +340,13 @@ def quantized_axes(params, param_axes) -> Any:
         spec = get_path(param_axes, path + ("kernel",)) if param_axes is not None else None
         spec = P(*spec) if spec is not None and kernel.ndim == 2 else P()
         if isinstance(kernel, NF4Kernel):
-            axes = NF4Kernel(spec, spec, P(), P(), kernel.shape, kernel.dtype_name, kernel.block_size)
+            axes = NF4Kernel(spec, spec, P(), P(), kernel.layer_shape, kernel.dtype_name, kernel.block_size)
         elif isinstance(kernel, GGUFQ4Kernel):
             rows = P(*spec[1:], *spec[:1])  # (out, in) order
-            axes = GGUFQ4Kernel(P(*rows, None), rows, None if kernel.minimum is None else rows, kernel.shape,
+            axes = GGUFQ4Kernel(P(*rows, None), rows, None if kernel.minimum is None else rows, kernel.layer_shape,
                                 kernel.dtype_name, kernel.method)
         else:
-            axes = Int8Kernel(spec, P(*spec[1:]), kernel.shape, kernel.dtype_name)
+            axes = Int8Kernel(spec, P(*spec[1:]), kernel.layer_shape, kernel.dtype_name)
         set_path(out, path + ("kernel",), axes)
     return out
 

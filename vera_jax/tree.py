@@ -72,3 +72,15 @@ def matches(pattern: str, path: str) -> bool:
     if _NAME.fullmatch(pattern):
         return path == pattern or path.endswith("/" + pattern)
     return re.fullmatch(pattern, path) is not None
+
+
+def prefix_rules(path: Path, rules) -> tuple[tuple[int, int], ...]:
+    """((position, n), ...) for each prefix `path[:position + 1]` that one of `rules` ((pattern, n)
+    pairs, first match wins) matches: where the `stacked_axes` rule puts a path's layer axes."""
+    points = []
+    for t in range(1, len(path) + 1):
+        name = path_str(path[:t])
+        n = next((n for pattern, n in rules if matches(pattern, name)), 0)
+        if n:
+            points.append((t - 1, n))
+    return tuple(points)

@@ -7,7 +7,7 @@ from .._lazy import lazy_exports
 # the built-in methods register themselves when the registry is first asked (methods/registry.py)
 __all__, __getattr__, __dir__ = lazy_exports(__name__, {
     ".config": ("DVoraConfig", "FullConfig", "HeadConfig", "LoraConfig", "MethodConfig", "VeraConfig"),
-    ".core": ("Adapted", "attach", "layer_delta", "merge"),
+    ".core": ("Adapted", "attach", "layer_delta", "merge", "unstack"),
     ".cost": ("choose_path", "layer_costs"),
     ".factored": ("apply_adapted", "apply_factored", "call_adapted"),
     ".files": ("AdapterFileError", "load_adapter", "save_adapter"),

@@ -71,15 +71,21 @@ def _layers_tuple(cls: str, value: Any) -> tuple[int, ...] | None:
     return tuple(_check_int(cls, "layers_to_transform", v, 0) for v in value)
 
 
-def _in_axes_tuple(cls: str, value: Any) -> tuple[tuple[str, int], ...]:
+def _axes_tuple(cls: str, value: Any, field: str = "kernel_in_axes",
+                what: str = "number of input axes") -> tuple[tuple[str, int], ...]:
     items = value.items() if isinstance(value, Mapping) else value
     try:
         items = tuple((str(k), v) for k, v in items)
     except (TypeError, ValueError):
-        raise ValueError(
-            f"{cls}.kernel_in_axes: expected a mapping pattern -> number of input axes, got {value!r}") from None
-    _as_str_tuple(cls, "kernel_in_axes", [k for k, _ in items], allow_empty=True)
-    return tuple(sorted((k, _check_int(cls, "kernel_in_axes", v, 1)) for k, v in items))
+        raise ValueError(f"{cls}.{field}: expected a mapping pattern -> {what}, got {value!r}") from None
+    _as_str_tuple(cls, field, [k for k, _ in items], allow_empty=True)
+    return tuple(sorted((k, _check_int(cls, field, v, 1)) for k, v in items))
+
+
+def _check_stacking(cls: str, set_, config) -> None:
+    """Validates the two fields that say where layer axes are (see `targets.py`)."""
+    set_("stacked_axes", _axes_tuple(cls, config.stacked_axes, "stacked_axes", "number of leading layer axes"))
+    set_("layer_axis_names", _as_str_tuple(cls, "layer_axis_names", config.layer_axis_names, allow_empty=True))
 
 
 def _tuples(value):
@@ -149,6 +155,11 @@ class VeraConfig(MethodConfig):
       layers_pattern: path names that carry a layer index.
       kernel_in_axes: pattern -> number of leading kernel axes that are inputs, for kernels with
         more than two axes (DenseGeneral); unlisted kernels have one input axis.
+      stacked_axes: pattern -> number of leading layer axes of every param under a module matching
+        it: the module `nn.scan` / nnx `vmap` stacked over layers (e.g. {"layers": 1}; a scan of
+        scans: {"groups": 1, "layers": 1}). Each layer is adapted as its unrolled twin would be.
+      layer_axis_names: axis names that mark a leading layer axis in flax partitioning metadata
+        (`nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})`); `stacked_axes` wins.
       save_projection: store A and B in adapter files (as PEFT allows) instead of only their
         fingerprint.
       projections: "shared" (VeRA, PEFT: one pair A (r, in_max), B (out_max, r), sliced per layer)
@@ -176,6 +187,8 @@ class VeraConfig(MethodConfig):
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] = _DEFAULT_LAYER_NAMES
     kernel_in_axes: tuple[tuple[str, int], ...] = ()
+    stacked_axes: tuple[tuple[str, int], ...] = ()
+    layer_axis_names: tuple[str, ...] = ("layers",)
     save_projection: bool = False
     projections: str = "shared"
     share_projections: bool = True
@@ -197,7 +210,8 @@ class VeraConfig(MethodConfig):
         set_("trainable_extra", _as_str_tuple(name, "trainable_extra", self.trainable_extra, allow_empty=True))
         set_("layers_to_transform", _layers_tuple(name, self.layers_to_transform))
         set_("layers_pattern", _as_str_tuple(name, "layers_pattern", self.layers_pattern, allow_empty=False))
-        set_("kernel_in_axes", _in_axes_tuple(name, self.kernel_in_axes))
+        set_("kernel_in_axes", _axes_tuple(name, self.kernel_in_axes))
+        _check_stacking(name, set_, self)
         for flag in ("save_projection", "share_projections", "train_d", "train_b"):
             if not isinstance(getattr(self, flag), bool):
                 raise ValueError(f"{name}.{flag}: expected True or False, got {getattr(self, flag)!r}")
@@ -249,6 +263,8 @@ class LoraConfig(MethodConfig):
     layers_to_transform: tuple[int, ...] | None = None
     layers_pattern: tuple[str, ...] = _DEFAULT_LAYER_NAMES
     kernel_in_axes: tuple[tuple[str, int], ...] = ()
+    stacked_axes: tuple[tuple[str, int], ...] = ()
+    layer_axis_names: tuple[str, ...] = ("layers",)
 
     def __post_init__(self):
         name = type(self).__name__
@@ -261,7 +277,8 @@ class LoraConfig(MethodConfig):
         set_("seed", _check_int(name, "seed", self.seed, 0))
         set_("layers_to_transform", _layers_tuple(name, self.layers_to_transform))
         set_("layers_pattern", _as_str_tuple(name, "layers_pattern", self.layers_pattern, allow_empty=False))
-        set_("kernel_in_axes", _in_axes_tuple(name, self.kernel_in_axes))
+        set_("kernel_in_axes", _axes_tuple(name, self.kernel_in_axes))
+        _check_stacking(name, set_, self)
 
     @property
     def scaling(self) -> float:

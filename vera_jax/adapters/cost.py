@@ -32,18 +32,21 @@ from .methods import registry
 Path = Literal["merged", "factored"]
 
 
-def layer_costs(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True) -> dict:
+def layer_costs(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True,
+                layers: int = 1) -> dict:
     """Multiply-adds (the registered method's `cost`) and extra activation/weight memory (in
-    numbers) of both paths for one layer."""
+    numbers) of both paths for one layer, or for `layers` stacked layers (an nn.scan's L: each
+    layer sees `tokens` rows)."""
     cost = registry.get(method).cost
     if cost is None:
         raise ValueError(f"method {method!r} has no cost model (its auto path always factors)")
     ops = cost(tokens, n_in, n_out, r, train)
-    return {"merged": ops["merged"], "factored": ops["factored"],
-            "merged_memory": (2 if train else 1) * n_in * n_out, "factored_memory": tokens * r}
+    return {"merged": layers * ops["merged"], "factored": layers * ops["factored"],
+            "merged_memory": layers * (2 if train else 1) * n_in * n_out, "factored_memory": layers * tokens * r}
 
 
-def choose_path(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True) -> Path:
+def choose_path(tokens: int, n_in: int, n_out: int, r: int, method: str = "vera", train: bool = True,
+                layers: int = 1) -> Path:
     """The path with fewer multiply-adds (merged on a tie)."""
-    costs = layer_costs(tokens, n_in, n_out, r, method, train)
+    costs = layer_costs(tokens, n_in, n_out, r, method, train, layers)
     return "merged" if costs["merged"] <= costs["factored"] else "factored"

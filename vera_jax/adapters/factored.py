@@ -16,30 +16,74 @@ always factored (never merged into, `merge` refuses), its term computed and adde
 small updates are not rounded away.
 
 The model is not rewritten: `hooks.layer_hooks` hands each adapted layer's call (found by its
-scope path, its input flattened over the kernel's input axes) to this path. flax.nnx modules are
+scope path, its input flattened over the kernel's input axes) to this path.
+
+Stacked layers (linen `nn.scan` over layers): the scan body calls the layer once per iteration
+with that iteration's slice of its params. The layer's stacked adapter leaves (and own
+projections, and a per-layer id for the dropout key) ride along as extra entries of its params
+dict (`INJECTED` names, which the module never reads), so `nn.scan` slices them with the kernel
+and the hook finds the current layer's d and b beside its kernel; the term is then computed
+exactly as for the unrolled twin's layer. flax.nnx modules are
 plain Python calls that the interception never sees, so an adapter attached to nnx params runs on
 the merged path only (asking for another raises).
 """
 
 from __future__ import annotations
 
+import zlib
 from typing import Any, Callable
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .. import quant
-from ..tree import get_path, path_str
-from .core import Adapted, dense_kernel, merge, merged_kernel
+from ..tree import get_path, path_str, set_path
+from .core import Adapted, dense_kernel, merge, merged_kernel, own_projections, sliced
 from .cost import choose_path
 from .hooks import LayerCall, layer_hooks
 from .methods import registry
 from .targets import LayerSpec
 
+INJECTED = ("__adapter__.", "__projection__.", "__layer_id__")  # params entries a stacked layer carries in
+
+
+def layer_id(path) -> int:
+    """A layer's id for its dropout key: crc32 of its (unrolled) path, the same in both layouts."""
+    return zlib.crc32(path_str(path).encode())
+
+
+def _inject(params, adapted: Adapted, specs) -> dict:
+    """`params` with each stacked layer's adapter leaves, own projections and layer ids added to
+    its module's dict (so nn.scan slices them per iteration)."""
+    params = jax.tree.map(lambda x: x, params, is_leaf=quant.is_quantized)
+    for spec in specs:
+        module = dict(get_path(params, spec.path))
+        module.update({INJECTED[0] + k: v for k, v in get_path(adapted.adapter, spec.path).items()})
+        module.update({INJECTED[1] + k: v for k, v in (own_projections(adapted, spec) or {}).items()})
+        ids = [layer_id(one.path) for _, one in spec.layers()]
+        module[INJECTED[2]] = jnp.asarray(np.array(ids, np.uint32).reshape(spec.layer_shape))
+        set_path(params, spec.path, module)
+    return params
+
+
+def _current_layer(adapted: Adapted, spec: LayerSpec, module) -> tuple[Adapted, LayerSpec, jax.Array]:
+    """(adapted holding this iteration's slice, the per-layer spec, the layer id) of a stacked
+    layer called inside its scan."""
+    own = module.variables["params"]
+    kernel_shape = tuple(np.shape(own["kernel"]))
+    if kernel_shape != spec.per_layer.kernel_shape or INJECTED[2] not in own:
+        raise ValueError(f"stacked layer {spec.name}: called with a kernel of shape {kernel_shape}, not one layer's "
+                         f"{spec.per_layer.kernel_shape}; the factored and auto paths need it called inside the "
+                         "nn.scan that stacks it (or use path='merged')")
+    pick = lambda prefix: {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}  # noqa: E731
+    return sliced(adapted, spec, pick(INJECTED[0]), pick(INJECTED[1]) or None), spec.per_layer, own[INJECTED[2]]
+
 
 def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
-    """The adapter's additive output for input `x` of shape (..., in), shape (..., out)."""
+    """The adapter's additive output for input `x` of shape (..., in), shape (..., out), for one
+    (unstacked or per-layer) spec."""
     dropout = getattr(adapted.config, "dropout", 0.0)
     if dropout and dropout_rng is not None:
         keep = jax.random.bernoulli(dropout_rng, 1.0 - dropout, x.shape)
@@ -73,7 +117,8 @@ def layer_path(adapted: Adapted, spec: LayerSpec, tokens: int, path: str, train:
         return "merged"
     if registry.get(adapted.method).cost is None:
         return "factored"
-    return choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train)
+    return choose_path(tokens, spec.in_features, spec.out_features, adapted.config.r, adapted.method, train,
+                       layers=spec.n_layers)
 
 
 def call_adapted(
@@ -119,26 +164,32 @@ def call_adapted(
     rescaled = registry.get(adapted.method).rescale is not None
     seen: set[tuple] = set()
 
+    stacked = [s for s in adapted.layers if s.stack]
+
     def hook(call: LayerCall):
-        spec = call.spec
-        seen.add(spec.path)
-        if layer_path(adapted, spec, call.tokens, path, train, quantized, dropout) == "merged":
+        seen.add(call.spec.path)
+        quantized_layer = call.spec.path in quantized
+        if call.spec.stack:
+            layer, spec, lid = _current_layer(adapted, call.spec, call.module)
+        else:
+            layer, spec, lid = adapted, call.spec, layer_id(call.spec.path)
+        if layer_path(adapted, call.spec, call.tokens, path, train, quantized, dropout) == "merged":
             w0 = call.module.variables["params"]["kernel"]
             narrow = compute_dtype if compute_dtype is not None else w0.dtype
             flat = w0.reshape(spec.in_features, spec.out_features)
-            return call.run_with(kernel=merged_kernel(adapted, spec, flat, narrow).reshape(w0.shape).astype(w0.dtype))
-        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, len(seen))
-        x = call.x.astype(jnp.float32) if rescaled or spec.path in quantized else call.x  # the term in float32
-        term = layer_term(adapted, spec, x, rng)
+            return call.run_with(kernel=merged_kernel(layer, spec, flat, narrow).reshape(w0.shape).astype(w0.dtype))
+        rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, lid)
+        x = call.x.astype(jnp.float32) if rescaled or quantized_layer else call.x  # the term in float32
+        term = layer_term(layer, spec, x, rng)
         if rescaled:
             out = call.run()
             flat = out.reshape(out.shape[: out.ndim - len(spec.kernel_shape) + spec.in_axes] + (spec.out_features,))
-            return _rescaled(adapted, spec, call.module, flat, term).reshape(out.shape).astype(out.dtype)
+            return _rescaled(layer, spec, call.module, flat, term).reshape(out.shape).astype(out.dtype)
         return call.add(term)
 
     # flax runs the interceptor entered first outermost: this one, then the dequantizing one
     with layer_hooks(adapted.layers, hook), quant.maybe_dequantized(adapted.base):
-        result = fn(transform(adapted.base), *args)
+        result = fn(_inject(transform(adapted.base), adapted, stacked), *args)
     missing = sorted(path_str(p) for p in {s.path for s in adapted.layers} - seen)
     if missing:
         raise ValueError(

@@ -15,6 +15,11 @@ tensors) raises `AdapterFileError` before anything is returned.
 
 Tensor names join the path keys' str() with '/'; loading maps each name back through the keys
 of the params it is loaded onto, so non-string keys (nnx lists' integers) round-trip.
+
+Stacked (scanned) layers are written per layer, under their unrolled twin's names
+(`adapter/layers_2/query/lambda_d` for layer 2 of `layers/query`; layer records and the
+projections' fingerprint likewise), so a file saved from a scanned model loads onto its unrolled
+twin and the other way round, and PEFT export and serving see ordinary layers.
 """
 
 from __future__ import annotations
@@ -76,6 +81,7 @@ def save_adapter(path: str | os.PathLike, adapted: Adapted) -> Path:
     leaves no partial adapter; see `directory.write`). Returns the directory."""
     if not isinstance(adapted, Adapted):
         raise TypeError(f"save_adapter: expected an Adapted tree, got {type(adapted).__name__}")
+    adapted = core.per_layer_view(adapted)
     tensors, dtypes = {}, {}
     for name, (_, _, value) in _trained_leaves(adapted).items():
         tensors[name], dtypes[name] = _to_numpy(value)
@@ -123,19 +129,25 @@ def _saves_projection(config) -> bool:
     return bool(getattr(config, "save_projection", False))
 
 
-def load_adapter(path: str | os.PathLike, params) -> Adapted:
-    """Rebuilds the `Adapted` tree saved at `path` on top of `params` (the same base model)."""
+def load_adapter(path: str | os.PathLike, params, stacked_axes=None) -> Adapted:
+    """Rebuilds the `Adapted` tree saved at `path` on top of `params` (the same base model, scanned
+    or unrolled whichever way the file was saved). `stacked_axes` replaces the saved config's
+    field (e.g. a file saved from an unrolled model, loaded onto a scanned one without metadata)."""
     directory = Path(path)
     record = _read_record(directory)
     method = record["method"]
     try:
         config = registry.get(method).config_class.from_dict(record["config"])
-        fresh = core.attach(params, config)
+        if stacked_axes is not None:
+            config = config.replace(stacked_axes=stacked_axes)
+        stacked = core.attach(params, config)
     except (ValueError, TypeError, KeyError) as e:
         raise AdapterFileError(f"adapter at {directory} does not fit these params: {e}") from None
+    fresh = core.per_layer_view(stacked)
 
     saved_layers = record.get("layers", [])
-    if saved_layers != _layer_records(fresh):
+    by_path = lambda records: sorted(records, key=lambda r: r["path"])  # noqa: E731 (the layouts order layers apart)
+    if by_path(saved_layers) != by_path(_layer_records(fresh)):
         saved = {r["path"]: r["kernel_shape"] for r in saved_layers}
         found = {s.name: list(s.kernel_shape) for s in fresh.layers}
         diffs = [f"{p}: adapter {saved.get(p, 'absent')}, params {found.get(p, 'absent')}"
@@ -182,4 +194,5 @@ def load_adapter(path: str | os.PathLike, params) -> Adapted:
     trees = {"adapter": jax.tree.map(lambda x: x, fresh.adapter), "base": jax.tree.map(lambda x: x, fresh.base)}
     for name, (tree, path, _) in expected.items():
         set_path(trees[tree], path, jnp.asarray(tensors[name], dtype=dtypes.get(name, tensors[name].dtype)))
-    return fresh.replace(base=trees["base"], adapter=trees["adapter"], projections=projections)
+    return stacked.replace(base=trees["base"], adapter=core.restack(trees["adapter"], stacked.layers),
+                           projections=core.restack(projections, stacked.layers))

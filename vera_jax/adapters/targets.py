@@ -8,40 +8,111 @@ leading to it, kept as they are (nnx lists give integer keys) and written as the
 Patterns follow `vera_jax.tree.matches` (PEFT's rule, on '/' instead of '.'): a name matches a
 path equal to it or ending in '/' + it; any other pattern is a regex full-matched on the path.
 
-Kernel rule: a kernel of shape (i_1..i_k, o_1..o_m) is the linear map (prod i, prod o), with
-k = 1 unless `kernel_in_axes` names the module (DenseGeneral with `axis=(-2, -1)`, an attention
-output projection (heads, head_dim, embed), needs k = 2). Flattening is C-order reshape, which
-is what DenseGeneral's contraction does.
+Kernel rule: a kernel of shape (l_1..l_s, i_1..i_k, o_1..o_m) is s stacked layers (linen
+`nn.scan` / nnx `vmap` over layers put a leading axis on every param of the scanned module), each
+the linear map (prod i, prod o). k = 1 unless `kernel_in_axes` names the module (DenseGeneral
+with `axis=(-2, -1)`, an attention output projection (heads, head_dim, embed), needs k = 2).
+Flattening is C-order reshape, which is what DenseGeneral's contraction does.
+
+Layer axes are known from flax partitioning metadata (`nn.Partitioned` / `LogicallyPartitioned`
+names, e.g. `nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})`: leading axes named in
+`layer_axis_names`), or from the config's `stacked_axes` (pattern of the scanned module -> its
+number of layer axes), which wins. The scanned module is where a layer's per-layer name gets its
+index: layer i of `layers/attn/query` is `layers_i/attn/query`, the name its unrolled twin
+(linen's `layers_0`, `layers_1`, ...) has, used by adapter files and `unstack`. A kernel whose axes
+no rule explains (more than two without `kernel_in_axes`) is refused, never guessed.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Hashable, Iterable, Mapping, NamedTuple
+from typing import Any, Hashable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from ..tree import flatten, matches, path_str
+from ..tree import flatten, matches, path_str, prefix_rules
+
+DEFAULT_LAYER_AXIS_NAMES = ("layers",)
 
 
 class LayerSpec(NamedTuple):
-    """One adapted linear layer: where it is and its flattened (in, out) shape."""
+    """One adapted linear layer: where it is, its kernel's shape, and its stacked layer axes.
+
+    stack: ((position in `path` of a scanned module, its number of layer axes), ...), outermost
+      first; () for an unstacked layer. The kernel's leading `stacked_axes` axes are layers."""
 
     path: tuple[Hashable, ...]
     kernel_shape: tuple[int, ...]
     in_axes: int
+    stack: tuple[tuple[int, int], ...] = ()
 
     @property
     def name(self) -> str:
         return path_str(self.path)
 
     @property
+    def stacked_axes(self) -> int:
+        return sum(n for _, n in self.stack)
+
+    @property
+    def layer_shape(self) -> tuple[int, ...]:
+        """The layer axes' sizes: () unstacked, (L,) for one nn.scan, (G, L) for a scan of scans."""
+        return self.kernel_shape[: self.stacked_axes]
+
+    @property
+    def n_layers(self) -> int:
+        return math.prod(self.layer_shape)
+
+    @property
     def in_features(self) -> int:
-        return math.prod(self.kernel_shape[: self.in_axes])
+        s = self.stacked_axes
+        return math.prod(self.kernel_shape[s: s + self.in_axes])
 
     @property
     def out_features(self) -> int:
-        return math.prod(self.kernel_shape[self.in_axes :])
+        return math.prod(self.kernel_shape[self.stacked_axes + self.in_axes:])
+
+    @property
+    def per_layer(self) -> "LayerSpec":
+        """This spec for one layer's slice (same path, no layer axes): what the methods see."""
+        return LayerSpec(self.path, self.kernel_shape[self.stacked_axes:], self.in_axes)
+
+    def layer_path(self, index: tuple[int, ...]) -> tuple[Hashable, ...]:
+        """The unrolled twin's path of layer `index`: each scanned module's name gets `_<i>` (an
+        index of the outer layer axes only renames the outer scanned modules)."""
+        path, rest = list(self.path), list(index)
+        for pos, n in self.stack:
+            if len(rest) < n:
+                break
+            path[pos] = "_".join([str(path[pos])] + [str(i) for i in rest[:n]])
+            rest = rest[n:]
+        return tuple(path)
+
+    def layers(self) -> Iterator[tuple[tuple[int, ...], "LayerSpec"]]:
+        """(index, the unrolled twin's LayerSpec) of each layer, in C order; one ((), self) unstacked."""
+        for index in np.ndindex(*self.layer_shape):
+            yield index, LayerSpec(self.layer_path(index), self.kernel_shape[self.stacked_axes:], self.in_axes)
+
+
+def unrolled(layers: Iterable[LayerSpec]) -> tuple[tuple[LayerSpec, LayerSpec, tuple[int, ...]], ...]:
+    """(stacked spec, per-layer spec, index) for every layer, in the unrolled twin's tree order:
+    `layers_0/query, layers_0/value, layers_1/query, ...` for a scan over blocks of (query, value)."""
+    layers = tuple(layers)
+    rank: dict = {}
+    for spec in layers:
+        for t in range(1, len(spec.path) + 1):
+            rank.setdefault(spec.path[:t], len(rank))
+    items = []
+    for spec in layers:
+        points = dict(spec.stack)
+        for index, one in spec.layers():
+            key, rest = [], list(index)
+            for t in range(len(spec.path)):
+                n = points.get(t, 0)
+                key.append((rank[spec.path[: t + 1]], tuple(rest[:n])))
+                rest = rest[n:]
+            items.append((tuple(key), (spec, one, index)))
+    return tuple(item for _, item in sorted(items, key=lambda kv: kv[0]))
 
 
 def layer_index(path: tuple[Hashable, ...], layer_names: Iterable[str]) -> int | None:
@@ -64,38 +135,110 @@ def linear_modules(params: Mapping) -> dict[tuple[Hashable, ...], tuple[int, ...
             if path and path[-1] == "kernel" and len(np.shape(leaf)) >= 2}
 
 
+def axis_names(params: Any) -> dict[tuple[Hashable, ...], tuple]:
+    """Leaf path -> the axis names of every boxed leaf (flax `nn.Partitioned`, `LogicallyPartitioned`:
+    anything with `.names` and `.value`) of a linen params tree; {} for plain arrays."""
+    out = {}
+
+    def walk(node, path):
+        if isinstance(node, Mapping):
+            for key, child in node.items():
+                walk(child, path + (key,))
+        elif hasattr(node, "names") and hasattr(node, "value"):
+            out[path] = tuple(node.names)
+
+    walk(params, ())
+    return out
+
+
 def abbreviate(paths: Iterable[str], limit: int = 12) -> str:
     paths = list(paths)
     shown = ", ".join(paths[:limit])
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def find_targets(params: Mapping, config) -> tuple[LayerSpec, ...]:
-    """The linear modules `config.targets` selects, as LayerSpecs; ValueError if none. A config
-    without `layers_to_transform` / `layers_pattern` / `kernel_in_axes` (a registered method's
-    own) adapts every layer, with one input axis per kernel."""
+def _metadata_stacks(names: Mapping[tuple, tuple], layer_names: tuple[str, ...], cls: str):
+    """Module path -> stack points from partitioning metadata: a kernel's leading axes named in
+    `layer_names` are layer axes, each belonging to the highest module all of whose boxed params
+    carry it (the module nn.scan built)."""
+    lead, below = {}, {}
+    for path, axes in names.items():
+        n = 0
+        while n < len(axes) and axes[n] in layer_names:
+            n += 1
+        if any(a in layer_names for a in axes[n:]):
+            raise ValueError(f"{cls}.layer_axis_names: param {path_str(path)} names its axes {axes}; a layer axis "
+                             f"({list(layer_names)}) must come before every other axis")
+        lead[path] = n
+        for t in range(1, len(path)):
+            below[path[:t]] = min(below.get(path[:t], n), n)
+    stacks = {}
+    for path, n in lead.items():
+        if path[-1] != "kernel" or not n:
+            continue
+        module = path[:-1]
+        points, have = [], 0
+        for t in range(1, len(module) + 1):
+            count = n if t == len(module) else min(below.get(module[:t], 0), n)
+            if count > have:
+                points.append((t - 1, count - have))
+                have = count
+        stacks[module] = tuple(points)
+    return stacks
+
+
+def _kept(spec: LayerSpec, config, cls: str) -> bool:
+    """layers_to_transform on a layer: kept or not; a stacked kernel is kept whole or refused."""
+    keep = config.layers_to_transform
+    picked = [layer_index(one.path, config.layers_pattern) in keep for _, one in spec.layers()]
+    if all(picked) or not any(picked):
+        return all(picked)
+    raise ValueError(f"{cls}.layers_to_transform: {list(keep)} keeps only some of the {spec.n_layers} stacked layers "
+                     f"of module {spec.name} (kernel {spec.kernel_shape}); a stacked kernel is adapted whole")
+
+
+def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = None) -> tuple[LayerSpec, ...]:
+    """The linear modules `config.targets` selects, as LayerSpecs; ValueError if none, or for a
+    kernel whose axes no rule explains. `names`: leaf path -> axis names from partitioning
+    metadata (`axis_names` of the boxed params), which says where layer axes are. A config
+    without `layers_to_transform` / `kernel_in_axes` / `stacked_axes` (a registered method's own)
+    adapts every layer, with one input axis per kernel."""
+    cls = type(config).__name__
     modules = linear_modules(params)
     in_axes_rules = getattr(config, "kernel_in_axes", ())
+    stack_rules = getattr(config, "stacked_axes", ())
+    layer_names = tuple(getattr(config, "layer_axis_names", DEFAULT_LAYER_AXIS_NAMES))
+    meta = _metadata_stacks(names or {}, layer_names, cls)
     layers_to_transform = getattr(config, "layers_to_transform", None)
     specs = []
     for path, shape in modules.items():
         name = path_str(path)
         if not any(matches(t, name) for t in config.targets):
             continue
-        if layers_to_transform is not None:
-            if layer_index(path, config.layers_pattern) not in layers_to_transform:
-                continue
-        in_axes = next((n for pattern, n in in_axes_rules if matches(pattern, name)), 1)
-        if in_axes >= len(shape):
+        stack = prefix_rules(path, stack_rules) or meta.get(path, ())
+        stacked = sum(n for _, n in stack)
+        rest = len(shape) - stacked
+        in_axes = next((n for pattern, n in in_axes_rules if matches(pattern, name)), None)
+        if rest < 2:
+            raise ValueError(f"{cls}.stacked_axes: module {name} has a kernel of shape {shape}; its {stacked} layer "
+                             "axes leave no (in, out) map")
+        if in_axes is not None and in_axes >= rest:
+            raise ValueError(f"{cls}.kernel_in_axes: module {name} has a kernel of shape {shape}; {in_axes} input "
+                             f"axes leave no output axis" + (f" after its {stacked} layer axes" if stacked else ""))
+        if in_axes is None and rest > 2:
             raise ValueError(
-                f"{type(config).__name__}.kernel_in_axes: module {name} has a kernel of shape {shape}; "
-                f"{in_axes} input axes leave no output axis"
-            )
-        specs.append(LayerSpec(path, shape, in_axes))
+                f"{cls}.stacked_axes: module {name} has a kernel of shape {shape} whose axes no rule explains; set "
+                f"stacked_axes={{'<scanned module>': n}} (or partitioning metadata naming the axis "
+                f"{layer_names[0]!r}) for n layer axes stacked by nn.scan / nnx.vmap, or "
+                f"kernel_in_axes={{'{name}': k}} for a kernel with k input axes and the rest outputs")
+        spec = LayerSpec(path, shape, 1 if in_axes is None else in_axes, stack)
+        if layers_to_transform is not None and not _kept(spec, config, cls):
+            continue
+        specs.append(spec)
     if not specs:
         where = "" if layers_to_transform is None else f" in layers {list(layers_to_transform)}"
         raise ValueError(
-            f"{type(config).__name__}.targets: {list(config.targets)} matched no linear module{where}. "
+            f"{cls}.targets: {list(config.targets)} matched no linear module{where}. "
             f"Linear modules in these params: {abbreviate(path_str(p) for p in modules) or 'none'}"
         )
     return tuple(specs)

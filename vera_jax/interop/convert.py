@@ -31,7 +31,7 @@ from vera_jax.adapters.methods import registry
 EXACT_RTOL = 1e-5
 # Targeting fields the two configs share, carried across unchanged so the same layers are adapted.
 _SHARED = ("targets", "dropout", "trainable_extra", "seed", "layers_to_transform", "layers_pattern",
-           "kernel_in_axes")
+           "kernel_in_axes", "stacked_axes", "layer_axis_names")
 
 
 def to_lora(adapted: Adapted) -> Adapted:
@@ -52,11 +52,13 @@ def to_lora(adapted: Adapted) -> Adapted:
                          "merged checkpoint with export_merged instead")
     c = adapted.config
     adapter: dict = {}
-    for spec in adapted.layers:
-        lora_a, lora_b = factors(adapted, spec, core.get_path(adapted.adapter, spec.path))
+    view = core.per_layer_view(adapted)  # stacked layers one by one, stacked back below
+    for spec in view.layers:
+        lora_a, lora_b = factors(view, spec, core.get_path(view.adapter, spec.path))
         core.set_path(adapter, spec.path, {"lora_A": lora_a, "lora_B": lora_b})
     config = LoraConfig(r=c.r, alpha=float(c.r), **{k: getattr(c, k) for k in _SHARED})
-    return Adapted(adapted.base, adapter, {}, config, adapted.layers, adapted.extra, adapted.source)
+    return Adapted(adapted.base, core.restack(adapter, adapted.layers), {}, config, adapted.layers, adapted.extra,
+                   adapted.source)
 
 
 def _fit_rows(factor: np.ndarray, basis: np.ndarray) -> tuple[np.ndarray, float]:
@@ -89,9 +91,10 @@ def to_vera(adapted: Adapted, config: VeraConfig) -> Adapted:
         raise ValueError(f"to_vera: the LoRA config's targets select {[s.name for s in fresh.layers]} on its base, "
                          f"but the adapter holds {[s.name for s in adapted.layers]}")
     adapter: dict = {}
-    for spec in adapted.layers:
-        a, b = (np.asarray(jax.device_get(m), np.float64) for m in core.layer_projections(fresh, spec))
-        vec = core.get_path(adapted.adapter, spec.path)
+    view, fresh_view = core.per_layer_view(adapted), core.per_layer_view(fresh)
+    for spec in view.layers:
+        a, b = (np.asarray(jax.device_get(m), np.float64) for m in core.layer_projections(fresh_view, spec))
+        vec = core.get_path(view.adapter, spec.path)
         d, off_a = _fit_rows(np.asarray(jax.device_get(vec["lora_A"]), np.float64), a)
         bvec, off_b = _fit_rows(lora.scaling * np.asarray(jax.device_get(vec["lora_B"]), np.float64), b)
         if max(off_a, off_b) > EXACT_RTOL:
@@ -104,4 +107,4 @@ def to_vera(adapted: Adapted, config: VeraConfig) -> Adapted:
                 "LoRA, or merge it (export_merged)")
         core.set_path(adapter, spec.path, {"lambda_d": jnp.asarray(d, jnp.float32),
                                            "lambda_b": jnp.asarray(bvec, jnp.float32)})
-    return fresh.replace(adapter=adapter)
+    return fresh.replace(adapter=core.restack(adapter, fresh.layers))

@@ -31,7 +31,7 @@ def export_merged(path: str | os.PathLike, adapted, hf_config, *, dtype=None, to
     `tokenizer`: a transformers tokenizer to save beside the weights (what from_pretrained returned).
     """
     hf_config = read_hf_config(hf_config)
-    params = core.merge(adapted) if isinstance(adapted, Adapted) else core._plain(adapted)
+    params = core.merge(core.unstack(adapted)) if isinstance(adapted, Adapted) else core._plain(adapted)
     tensors = hub.family(hf_config["model_type"]).params_to_hf(jax.tree.map(np.asarray, params), hf_config)
     if dtype is not None:
         dtype = jnp.dtype(dtype)

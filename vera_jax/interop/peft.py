@@ -469,6 +469,7 @@ def save_peft_adapter(path: str | os.PathLike, adapted: Adapted, hf_config, *,
     """
     if not isinstance(adapted, Adapted):
         raise TypeError(f"save_peft_adapter: expected an Adapted tree, got {type(adapted).__name__}")
+    adapted = core.unstack(adapted)  # stacked (scanned) layers as the unrolled model HF names
     if as_lora:
         adapted = to_lora(adapted)
     mapping = registry.get(adapted.method).peft

@@ -67,6 +67,14 @@ class Method:
     bank(adapted, spec, vec) -> (d (r,), b (out,)): the two vectors the serving bank batches for a
       layer; None: the bank refuses the method, naming it.
     bank_refuse(adapted) -> a reason this adapter cannot join the bank, or None.
+
+    Stacked layers (nn.scan; `LayerSpec.stack`): every function above sees ONE layer. `init` is
+    called on the unrolled twin's layers (per-layer paths `layers_0/...`; `params` then holds the
+    targeted modules only, sliced per layer), and the library stacks its per-layer leaves (and
+    projections under a layer's path) on the layer axes; `delta`, `term` and `rescale` are
+    vmapped over those axes with `spec.per_layer` and the layer's slice of `vec` (and of its own
+    projections), so they must be traceable jnp code (no Python branching on array values).
+    Nothing else is asked of a method (the serving bank refuses stacked layers: load their file unrolled).
     """
 
     name: str

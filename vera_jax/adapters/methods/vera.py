@@ -114,6 +114,10 @@ def peft_refuse(config):
 
 def bank_refuse(adapted):
     config = adapted.config
+    stacked = [s.name for s in adapted.layers if s.stack]
+    if stacked:
+        return (f"layers {stacked} are stacked (nn.scan); the bank batches unrolled layers: load the adapter file "
+                "onto the unrolled model (files name stacked layers per layer)")
     if not config.share_projections:
         return ("share_projections=False gives each layer its own A/B; the bank batches adapters on projections "
                 "the group shares (one pair, or one per kernel shape)")
