@@ -14,6 +14,7 @@ import torch
 import transformers
 from safetensors.numpy import load_file
 
+import vera_jax
 from vera_jax.errors import ConfigError
 from vera_jax.interop import export_merged
 from vera_jax.models import common, decoding, from_pretrained, generate, gpt2, hub, loader
@@ -215,3 +216,38 @@ def test_refusals_name_the_field():
         loader.ModelSpec("x", quantize="nf4", scan_layers=True)
     with pytest.raises(ValueError, match="expected top-level layer_0 ... layer_N"):
         common.stack_layers({"layer_0": {"a": np.zeros(2)}, "layer_2": {"a": np.zeros(2)}})
+
+
+@pytest.mark.parametrize("name", ["llama"])  # RoBERTa: tests/test_runner.py's scanned run
+def test_vera_on_the_scanned_zoo_model_equals_vera_on_the_unrolled_one(name, tmp_path):
+    """The adapters read the "layers" axis from the scanned model's metadata: per-layer d (L, r) and
+    b (L, out), the same outputs and gradients on the merged and factored paths, and adapter files
+    that load onto the other layout."""
+    hf_config = HF[name][0]().to_dict()
+    unrolled = loader.random_model(hf_config, seed=1)
+    scanned = loader.random_model(hf_config, seed=1, abstract=True, scan_layers=True)
+    stacked = common.stack_layers(unrolled.params)
+    config = vera_jax.VeraConfig(r=8, targets=("query", "value"), d_initial=0.5)
+    twin = vera_jax.apply_vera(unrolled.params, config)
+    adapted = vera_jax.apply_vera(common.boxed(stacked, scanned.param_axes), config)
+    assert adapted.adapter["layer"]["attention"]["query"]["lambda_d"].shape == (3, 8)
+    # train b away from zero the same way in both layouts, so the adapter term shows
+    twin = twin.replace(adapter=jax.tree.map(lambda x: x + 0.3, twin.adapter))
+    adapted = adapted.replace(adapter=jax.tree.map(lambda x: x + 0.3, adapted.adapter))
+    args, _ = inputs(name)
+    for path in ("merged", "factored"):
+        outs = []
+        for model, a in ((unrolled.module, twin), (scanned.module, adapted)):
+            def loss(trainable, a=a, model=model, path=path):
+                out = vera_jax.apply_adapted(model, vera_jax.combine(trainable, vera_jax.partition(a)[1]), *args,
+                                             path=path, train=False)
+                return jnp.sum(out * jax.random.normal(jax.random.key(0), out.shape)), out
+
+            outs.append(jax.jit(jax.value_and_grad(loss, has_aux=True))(vera_jax.partition(a)[0]))
+        ((_, want), grads), ((_, got), scanned_grads) = outs
+        np.testing.assert_allclose(got, want, atol=1e-5, err_msg=path)
+        jax.tree.map(lambda x, y, p=path: np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-4, err_msg=p),
+                     common.unstack_layers(scanned_grads.adapter), grads.adapter)
+    vera_jax.save_adapter(tmp_path / "scanned", adapted)
+    loaded = vera_jax.load_adapter(tmp_path / "scanned", unrolled.params)
+    jax.tree.map(np.testing.assert_allclose, loaded.adapter, twin.adapter)

@@ -204,6 +204,13 @@ def stack_layers(params: dict) -> dict:
     return {**rest, SCANNED: jax.tree.map(lambda *xs: stack(xs), *layers)}
 
 
+def boxed(params: dict, axes) -> dict:
+    """`params` with each leaf boxed in its logical axis names (`nn.LogicallyPartitioned`; `axes`
+    as `nn.get_partition_spec` gives them), so the adapters read a scanned model's layer axis
+    ("layers") from the metadata as they would from `model.init`'s params."""
+    return jax.tree.map(lambda x, spec: nn.LogicallyPartitioned(x, tuple(spec)), params, axes)
+
+
 def unstack_layers(params: dict) -> dict:
     """Inverse of `stack_layers`: a scanned tree's `layer` subtree -> `layer_{i}` subtrees
     (params without `layer` are returned as they are)."""
