@@ -18,6 +18,7 @@ import vera_jax
 from vera_jax.errors import ConfigError
 from vera_jax.interop import export_merged
 from vera_jax.models import common, decoding, from_pretrained, generate, gpt2, hub, loader
+from vera_jax.tasks import runner
 
 TINY = dict(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37)
 # family -> (HF config, transformers class); 3 layers so a layer axis cannot pass for another axis
@@ -251,3 +252,49 @@ def test_vera_on_the_scanned_zoo_model_equals_vera_on_the_unrolled_one(name, tmp
     vera_jax.save_adapter(tmp_path / "scanned", adapted)
     loaded = vera_jax.load_adapter(tmp_path / "scanned", unrolled.params)
     jax.tree.map(np.testing.assert_allclose, loaded.adapter, twin.adapter)
+
+
+def test_runner_trains_the_scanned_model_as_the_unrolled_one(tmp_path):
+    """config.model.scan_layers through the runner: VeRA on the scanned BERT trains to the unrolled
+    run's evals and adapter (model dropout off: nn.scan draws per-layer dropout keys its own way)."""
+    from tests.test_runner import TOY, toy_config
+
+    (tmp_path / "ckpt").mkdir()
+    (tmp_path / "ckpt" / "config.json").write_text(json.dumps({
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": 12, "hidden_size": 16,
+        "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 32, "max_position_embeddings": 16,
+        "type_vocab_size": 1, "pad_token_id": 0, "hidden_act": "gelu", "hidden_dropout_prob": 0.0,
+        "attention_probs_dropout_prob": 0.0}))
+    summaries = {}
+    for scan in (False, True):
+        config = toy_config(str(tmp_path / "ckpt"))
+        config.model.scan_layers = scan
+        config.num_epochs = 1.0
+        summaries[scan] = runner.run(TOY, config, str(tmp_path / str(scan)))
+    assert [e["accuracy"] for e in summaries[True]["evals"]] == [e["accuracy"] for e in summaries[False]["evals"]]
+    assert summaries[True]["adapter_params"] == summaries[False]["adapter_params"] == 2 * 2 * (4 + 16)
+    unrolled = load_file(str(tmp_path / "False" / "adapter" / "adapter_model.safetensors"))
+    scanned = load_file(str(tmp_path / "True" / "adapter" / "adapter_model.safetensors"))
+    assert sorted(scanned) == sorted(unrolled)
+    for key in unrolled:
+        np.testing.assert_allclose(scanned[key], unrolled[key], rtol=1e-4, atol=1e-6, err_msg=key)
+
+
+def test_server_serves_the_scanned_base(tmp_path):
+    """`python -m vera_jax.serving --scan-layers`: the engine decodes the stacked cache (one index per
+    slot) and answers as the unrolled model's greedy decoding."""
+    testclient = pytest.importorskip("fastapi.testclient")
+    from tests._serving_tiny import alone, save_checkpoint, tiny
+    from vera_jax.serving.__main__ import build, parse_args
+
+    model, params, hf_config = tiny("llama")
+    save_checkpoint(tmp_path / "ckpt", "llama", params, hf_config)
+    app, engine, bank = build(parse_args(["--checkpoint", str(tmp_path / "ckpt"), "--scan-layers", "--slots", "2",
+                                          "--max-length", "32"]))
+    assert engine.model.scan_layers and "layer" in bank.params
+    with testclient.TestClient(app) as client:
+        answers = [client.post("/v1/completions", json={"model": "base", "prompt": prompt, "max_tokens": 4,
+                                                        "temperature": 0}) for prompt in ([5, 6, 7], [9, 4])]
+    for prompt, answer in zip(([5, 6, 7], [9, 4]), answers):
+        assert answer.status_code == 200, answer.text
+        assert answer.json()["choices"][0]["token_ids"] == alone(model, params, prompt, 4)
