@@ -298,3 +298,26 @@ def test_server_serves_the_scanned_base(tmp_path):
     for prompt, answer in zip(([5, 6, 7], [9, 4]), answers):
         assert answer.status_code == 200, answer.text
         assert answer.json()["choices"][0]["token_ids"] == alone(model, params, prompt, 4)
+
+
+def test_benchmark_scan_layers_cli_records_both_layouts_per_depth(capsys, tmp_path):
+    """`python -m experiments.benchmark --scan_layers`: per depth, compile and step of both layouts
+    (timings not asserted: the machine's load decides them) and a zero loss gap (same weights)."""
+    from experiments.benchmark import __main__ as cli
+
+    cli.FLAGS(["benchmark", "--scan_layers", "--scan_depths=1,2", "--hidden=32", "--batch=1", "--seq=8", "--iters=1",
+               "--warmup=0", "--format=markdown", f"--json={tmp_path / 'scan.json'}"])
+    try:
+        cli.main(["benchmark"])
+    finally:
+        cli.FLAGS.unparse_flags()
+    record = json.loads((tmp_path / "scan.json").read_text())
+    assert record["mode"] == "scan" and record["methods"] == ["floor"] and list(record["depths"]) == ["1", "2"]
+    for row in record["depths"].values():
+        assert row["loss_gap"] < 1e-5
+        r = row["floor"]
+        assert r["scanned"]["compile_s"] > 0 and r["unrolled"]["step_ms"] > 0
+        assert r["step_scanned_vs_unrolled"] == pytest.approx(r["scanned"]["step_ms"] / r["unrolled"]["step_ms"])
+    assert set(record["compile_growth"]["floor"]) == {"scanned", "unrolled"}
+    table = capsys.readouterr().out
+    assert "| floor | 2 |" in table and "Compile time at 2 layers over 1 (floor)" in table
