@@ -321,3 +321,18 @@ def test_benchmark_scan_layers_cli_records_both_layouts_per_depth(capsys, tmp_pa
     assert set(record["compile_growth"]["floor"]) == {"scanned", "unrolled"}
     table = capsys.readouterr().out
     assert "| floor | 2 |" in table and "Compile time at 2 layers over 1 (floor)" in table
+
+
+def test_scanned_load_onto_a_mesh_places_the_stacked_params(saved):
+    """from_pretrained(mesh=..., scan_layers=True): each tensor read and cast alone, then stacked and
+    sharded as the scanned model's logical axes say ("layers" replicated); the plain load's values."""
+    from vera_jax import sharding, train
+
+    path, _ = saved("llama")
+    config = train.default_config()
+    _, placed, _ = from_pretrained(path, mesh=sharding.make_mesh(config.mesh),
+                                   rules=tuple(tuple(r) for r in config.mesh.rules), scan_layers=True)
+    _, plain, _ = from_pretrained(path, scan_layers=True)
+    jax.tree.map(np.testing.assert_array_equal, placed, plain)
+    assert placed["layer"]["attention"]["query"]["kernel"].sharding.spec == jax.sharding.PartitionSpec(
+        None, "fsdp", "tensor")
