@@ -1,7 +1,7 @@
 """The chunked causal-LM loss (`vera_jax.train.losses`, `vera_jax.tasks.causal_lm`): equal to the
 loss from all logits, value and gradient, for every causal LM of the zoo (GPT-2, LLaMA tied and
-untied, Gemma 2's soft-capped head), with label smoothing, dropout and a chunk that does not divide the sequence; and the
-memory it saves, from XLA's buffer plan of the jitted gradient."""
+untied, Gemma 2's soft-capped head), with label smoothing, dropout and a chunk that does not
+divide the sequence; and the memory it saves, from XLA's buffer plan of the jitted gradient."""
 
 from __future__ import annotations
 

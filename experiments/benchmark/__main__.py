@@ -4,6 +4,7 @@ writes it to --json PATH if given.
     python -m experiments.benchmark --model=roberta-base --layers=2 --batch=8 --seq=512
     python -m experiments.benchmark --model=roberta-base --layers=2 --against=peft --format=markdown
     python -m experiments.benchmark --crossover --model=roberta-base --crossover_ranks=64,1024
+    python -m experiments.benchmark --scan_layers --model=roberta-base --scan_depths=6,12,24,48 --format=markdown
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from absl import app, flags
 
 from .crossover import crossover_markdown, crossover_record
 from .report import benchmark_record, markdown
+from .scan import DEPTHS, SCAN_METHODS, scan_markdown, scan_record
 from .shapes import PAPER_RANK
 from .steps import METHODS
 
@@ -33,6 +35,9 @@ flags.DEFINE_enum("against", None, ["peft"], "also run HF PEFT (PyTorch) on the 
 flags.DEFINE_bool("crossover", False, "one-layer merged vs factored sweep instead of the model benchmark")
 flags.DEFINE_list("crossover_ranks", ["16", "64", "256", "1024", "4096"], "VeRA ranks of the crossover sweep")
 flags.DEFINE_list("crossover_tokens", ["64", "256", "1024", "4096", "16384"], "token counts of the crossover sweep")
+flags.DEFINE_bool("scan_layers", False, "scanned vs unrolled layers at each of --scan_depths: compile time and step "
+                  f"time (methods: {','.join(SCAN_METHODS)}; default floor) instead of the model benchmark")
+flags.DEFINE_list("scan_depths", [str(d) for d in DEPTHS], "depths of the --scan_layers comparison")
 flags.DEFINE_bool("count_only", False, "count XLA's FLOPs per method and the minimum, on abstract weights, "
                   "without running (e.g. a GPU run's shape, on a CPU)")
 flags.DEFINE_enum("format", "json", ["json", "markdown"], "stdout: the JSON record on one line, or a markdown table")
@@ -47,7 +52,7 @@ def _known_methods(methods: list[str]) -> bool:
     return True
 
 
-@flags.multi_flags_validator(["crossover_ranks", "crossover_tokens"])
+@flags.multi_flags_validator(["crossover_ranks", "crossover_tokens", "scan_depths"])
 def _positive_ints(values: dict) -> bool:
     for name, items in values.items():
         if not all(x.isdigit() and int(x) > 0 for x in items):
@@ -58,7 +63,14 @@ def _positive_ints(values: dict) -> bool:
 def main(argv: list[str]) -> None:
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments {argv[1:]}")
-    if FLAGS.crossover:
+    if FLAGS.scan_layers:
+        if FLAGS.layers is not None:
+            raise app.UsageError("--layers: with --scan_layers the depths are --scan_depths")
+        methods = FLAGS.methods if FLAGS["methods"].present else ["floor"]
+        record = scan_record(FLAGS.model, [int(x) for x in FLAGS.scan_depths], FLAGS.hidden, FLAGS.batch, FLAGS.seq,
+                             FLAGS.iters, FLAGS.warmup, methods, FLAGS.dtype)
+        table = scan_markdown
+    elif FLAGS.crossover:
         record = crossover_record(FLAGS.model, FLAGS.hidden, [int(x) for x in FLAGS.crossover_ranks],
                                   [int(x) for x in FLAGS.crossover_tokens], FLAGS.iters, FLAGS.warmup, FLAGS.dtype)
         table = crossover_markdown

@@ -9,6 +9,13 @@ labels, the square dense layers of classification heads).
 Checkpoint conversion is declared once per family as a list of `Entry`s (one HF tensor
 <-> one leaf of our param tree); `params_from_entries` and `params_to_entries` run it
 in both directions and report every missing, unexpected and misshapen tensor at once.
+
+Scanned layers (`scan_layers=True` in every family): the blocks run under one `nn.scan`
+(`scan_blocks`), so compile time does not grow with depth; their params are one subtree `layer`
+whose leaves carry a leading layer axis, named "layers" in the partitioning metadata (what the
+adapters read to adapt each layer as its unrolled twin, whose layers `layer_{i}` are exactly the
+unrolled model's, so adapter files serve both layouts). Checkpoints keep HF's per-layer tensors:
+`stack_layers` / `unstack_layers` convert between the unrolled `layer_{i}` trees and the stack.
 """
 
 from __future__ import annotations
@@ -25,6 +32,10 @@ import numpy as np
 from vera_jax.tree import flatten, get_path, set_path, unflatten
 
 Dtype = Any
+LAYERS = "layers"  # the logical (partitioning) name of the scanned params' leading axis
+SCANNED = "layer"  # the scanned blocks' subtree: its unrolled twin's layers are `layer_{i}`, as unrolled models
+LAYER_CACHE = object()  # `scan_blocks` argument standing for each layer's view of the stacked KV cache
+_LAYER = re.compile(r"^layer_(\d+)$")
 
 ACTIVATIONS: dict[str, Callable] = {
     "gelu": lambda x: nn.gelu(x, approximate=False),
@@ -147,6 +158,71 @@ class SelfAttention(nn.Module):
         probs = nn.Dropout(self.dropout_rate)(probs, deterministic=deterministic)
         out = jnp.einsum("bhqk,bkhd->bqhd", probs, v).reshape(x.shape[:-1] + (features,))
         return dense(features, ("heads", "embed"), name="attn_out", use_bias=self.use_bias, **kw)(out)
+
+
+def scan_blocks(block: nn.Module, num_layers: int, x, *args, cache: dict | None = None):
+    """`x = block(x, *args)` for `num_layers` layers under one `nn.scan`: `block` (unbound, named
+    `SCANNED`, `nn.remat`-wrapped where the unrolled path is) gets params stacked on a leading axis
+    whose partitioning name is "layers", and its own dropout key per layer.
+
+    A block may return (x, layer cache); without `cache` the second part is dropped and `x` is
+    returned. With `cache` (a stacked KV cache {"key", "value"}, see `decoding.init_cache`), the
+    argument `LAYER_CACHE` in `args` becomes each layer's view of it (the stack plus its "layer"
+    index, see `decoding.write_cache`), the cache is carried from layer to layer, and (x, cache)
+    is returned.
+    """
+
+    def body(module, carry, layer):
+        if cache is None:
+            out = module(carry, *args)
+            return (out[0] if isinstance(out, tuple) else out), None
+        h, stack = carry
+        view = {**stack, "layer": layer}
+        h, view = module(h, *(view if a is LAYER_CACHE else a for a in args))
+        return (h, {"key": view["key"], "value": view["value"]}), None
+
+    scan = nn.scan(body, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                   length=num_layers, metadata_params={nn.PARTITION_NAME: LAYERS})
+    out, _ = scan(block, x if cache is None else (x, cache), jnp.arange(num_layers, dtype=jnp.int32))
+    return out
+
+
+def stack_layers(params: dict) -> dict:
+    """Unrolled params (top-level `layer_0` ... `layer_{L-1}`) -> scanned params (one `layer`
+    subtree, each array stacked on a leading axis); other subtrees unchanged. Quantized kernels
+    are refused: quantize the scanned tree instead."""
+    index = {int(m.group(1)): k for k in params if (m := _LAYER.match(str(k)))}
+    if not index or sorted(index) != list(range(len(index))):
+        raise ValueError(f"stack_layers: expected top-level layer_0 ... layer_N, got {sorted(index.values())}")
+    layers = [params[index[i]] for i in range(len(index))]
+    for path, leaf in flatten(layers[0]).items():
+        if not isinstance(leaf, (np.ndarray, jax.Array)):
+            raise ValueError(f"stack_layers: layer_0/{'/'.join(map(str, path))} is a {type(leaf).__name__}, not an "
+                             "array; stack the float params, then quantize the stacked tree")
+    rest = {k: v for k, v in params.items() if k not in index.values()}
+    stack = np.stack if all(isinstance(v, np.ndarray) for v in jax.tree.leaves(layers)) else jnp.stack
+    return {**rest, SCANNED: jax.tree.map(lambda *xs: stack(xs), *layers)}
+
+
+def boxed(params: dict, axes) -> dict:
+    """`params` with each leaf boxed in its logical axis names (`nn.LogicallyPartitioned`; `axes`
+    as `nn.get_partition_spec` gives them), so the adapters read a scanned model's layer axis
+    ("layers") from the metadata as they would from `model.init`'s params."""
+    return jax.tree.map(lambda x, spec: nn.LogicallyPartitioned(x, tuple(spec)), params, axes)
+
+
+def unstack_layers(params: dict) -> dict:
+    """Inverse of `stack_layers`: a scanned tree's `layer` subtree -> `layer_{i}` subtrees
+    (params without `layer` are returned as they are)."""
+    if SCANNED not in params:
+        return params
+    stack = params[SCANNED]
+    count = {np.shape(v)[0] for v in jax.tree.leaves(stack)}
+    if len(count) != 1:
+        raise ValueError(f"unstack_layers: the leaves of {SCANNED!r} disagree on the layer count: {sorted(count)}")
+    (n,) = count
+    rest = {k: v for k, v in params.items() if k != SCANNED}
+    return {**rest, **{f"layer_{i}": jax.tree.map(lambda v, i=i: v[i], stack) for i in range(n)}}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -280,8 +356,9 @@ def params_from_entries(
 
 
 def params_to_entries(params: dict, entries: Sequence[Entry], shape_info: dict[str, Any] | None = None) -> dict:
-    """Inverse of `params_from_entries`: our param tree -> {HF name: np.ndarray}."""
+    """Inverse of `params_from_entries`: our param tree (unrolled or scanned) -> {HF name: np.ndarray}."""
     shape_info = shape_info or {}
+    params = unstack_layers(params)
     return {
         e.hf: np.ascontiguousarray(TRANSFORMS[e.kind][1](np.asarray(get_path(params, e.path)), shape_info.get(e.kind)))
         for e in entries

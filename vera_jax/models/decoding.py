@@ -10,6 +10,10 @@ left- and right-padded prompts both work: masked slots are never attended and
 position ids count only unmasked slots. `cache["index"]` is a scalar (every row at the same
 slot, as the generation loops use it) or one index per row, shape `(batch,)` (a serving
 engine's slots, each at its own length).
+
+A scanned model (`scan_layers=True`) keeps one stacked cache, {"index", "layer": {"key",
+"value"}: (batch, max_length, layers, kv, head_dim)}, carried through its scan: the batch and slot
+axes stay first, so the generation loops and the serving engine treat both layouts alike.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ import jax
 import jax.numpy as jnp
 
 MASK_VALUE = float(jnp.finfo(jnp.float32).min)
+STACKED = "layer"  # a scanned model's cache entry, named as its scanned blocks (`common.SCANNED`)
 
 
 def positions_from_mask(mask: jax.Array) -> jax.Array:
@@ -28,13 +33,24 @@ def positions_from_mask(mask: jax.Array) -> jax.Array:
 
 
 def init_cache(batch_size: int, max_length: int, num_layers: int, num_kv_heads: int,
-               head_dim: int, dtype) -> dict:
-    """Zero KV cache: {"index": 0, "layer_i": {"key", "value"}: (batch, max_length, kv, head_dim)}."""
+               head_dim: int, dtype, stacked: bool = False) -> dict:
+    """Zero KV cache: {"index": 0, "layer_i": {"key", "value"}: (batch, max_length, kv, head_dim)};
+    `stacked` (scanned models): {"index": 0, "layer": {"key", "value"}: (batch, max_length,
+    num_layers, kv, head_dim)}."""
+    if stacked:
+        shape = (batch_size, max_length, num_layers, num_kv_heads, head_dim)
+        return {STACKED: {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)},
+                "index": jnp.zeros((), jnp.int32)}
     shape = (batch_size, max_length, num_kv_heads, head_dim)
     cache = {f"layer_{i}": {"key": jnp.zeros(shape, dtype), "value": jnp.zeros(shape, dtype)}
              for i in range(num_layers)}
     cache["index"] = jnp.zeros((), jnp.int32)
     return cache
+
+
+def cache_length(cache: dict) -> int:
+    """Slots per row of a KV cache (either layout)."""
+    return (cache[STACKED] if STACKED in cache else cache["layer_0"])["key"].shape[1]
 
 
 def attention_inputs(input_ids, attention_mask, position_ids, cache):
@@ -47,7 +63,7 @@ def attention_inputs(input_ids, attention_mask, position_ids, cache):
     if cache is None:
         keys, start = length, 0
     else:
-        keys, start = cache["layer_0"]["key"].shape[1], cache["index"]
+        keys, start = cache_length(cache), cache["index"]
     if attention_mask is None:
         mask = jnp.ones((batch, keys), bool)
     else:
@@ -85,6 +101,27 @@ def update_cache(layer_cache, index, key, value):
         return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, 0, 0)))(cache, new, index)
 
     return {"key": write(layer_cache["key"], key), "value": write(layer_cache["value"], value)}
+
+
+def write_cache(layer_cache, index, key, value):
+    """(new layer cache, keys, values to attend over) after writing key/value (batch, T, kv, hd) at
+    `index`. `layer_cache` is one layer's {"key", "value"}, or a scanned model's view of the stacked
+    cache ({"key", "value"}: (batch, slots, layers, kv, hd) and its "layer" index): only the T new
+    entries of that layer are written, so the stack is updated in place inside the scan."""
+    if "layer" not in layer_cache:
+        layer_cache = update_cache(layer_cache, index, key, value)
+        return layer_cache, layer_cache["key"], layer_cache["value"]
+    layer = layer_cache["layer"]
+
+    def write(stack, new):
+        new = new.astype(stack.dtype)[:, :, None]
+        if jnp.ndim(index) == 0:
+            return jax.lax.dynamic_update_slice(stack, new, (0, index, layer, 0, 0))
+        return jax.vmap(lambda c, n, i: jax.lax.dynamic_update_slice(c, n, (i, layer, 0, 0)))(stack, new, index)
+
+    stacks = {name: write(layer_cache[name], new) for name, new in (("key", key), ("value", value))}
+    key, value = (jax.lax.dynamic_index_in_dim(stacks[name], layer, axis=2, keepdims=False) for name in stacks)
+    return {**stacks, "layer": layer}, key, value
 
 
 def attend(query, key, value, bias, scale: float, dropout: Callable[[jax.Array], jax.Array],

@@ -8,6 +8,7 @@ head is tied to `wte` (no params of its own). Param tree:
     wte/embedding, wpe/embedding, ln_f
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm (HF ln_1),
     layer_{i}/mlp_in, layer_{i}/mlp_out, layer_{i}/mlp_norm (HF ln_2)
+    (scan_layers: the layer_{i} subtrees are one `layer` subtree, leaves stacked (L, ...))
 """
 
 from __future__ import annotations
@@ -48,8 +49,7 @@ class GPT2Attention(nn.Module):
                 batch, length, self.num_heads, width // self.num_heads)
             for name in QKV)
         if layer_cache is not None:
-            layer_cache = decoding.update_cache(layer_cache, cache_index, key, value)
-            key, value = layer_cache["key"], layer_cache["value"]
+            layer_cache, key, value = decoding.write_cache(layer_cache, cache_index, key, value)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
         out = decoding.attend(query, key, value, bias, self.scale, dropout)
         return common.dense(width, ("heads", "embed"), name="attn_out", **kw)(out), layer_cache
@@ -89,6 +89,7 @@ class GPT2LMHeadModel(nn.Module):
 
     `attention_mask` (1 = token, 0 = pad) is (batch, T), or (batch, cache length) with a
     cache; position ids default to counts of unmasked tokens, so left padding works.
+    `scan_layers` runs the blocks under one nn.scan (`common.scan_blocks`) with a stacked cache.
     """
 
     vocab_size: int
@@ -108,11 +109,12 @@ class GPT2LMHeadModel(nn.Module):
     dtype: jnp.dtype = jnp.float32
     param_dtype: jnp.dtype = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """Empty KV cache for `batch_size` sequences of at most `max_length` tokens."""
         return decoding.init_cache(batch_size, max_length, self.num_layers, self.num_heads,
-                                   self.width // self.num_heads, self.dtype)
+                                   self.width // self.num_heads, self.dtype, stacked=self.scan_layers)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
         """The LM head's input (batch, T, width): ln_f's output."""
@@ -135,28 +137,37 @@ class GPT2LMHeadModel(nn.Module):
 
         block_cls = nn.remat(GPT2Block, static_argnums=(5,)) if self.remat else GPT2Block
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
-        for i in range(self.num_layers):
+        names = [common.SCANNED] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
+        for i, name in enumerate(names):  # build refuses scan_layers with scale_attn_by_inverse_layer_idx
             scale = (self.width // self.num_heads) ** -0.5 if self.scale_attn_weights else 1.0
             if self.scale_attn_by_inverse_layer_idx:
                 scale /= i + 1
             block = block_cls(self.num_heads, self.inner_dim, self.activation, self.eps, scale, self.attn_pdrop,
-                              self.resid_pdrop, self.init_std, name=f"layer_{i}", **kw)
-            if cache is None:
+                              self.resid_pdrop, self.init_std, name=name, **kw)
+            if self.scan_layers and cache is None:
+                x = common.scan_blocks(block, self.num_layers, x, bias, None, None, deterministic)
+            elif self.scan_layers:
+                x, new_cache[name] = common.scan_blocks(block, self.num_layers, x, bias, common.LAYER_CACHE,
+                                                        cache["index"], deterministic, cache=cache[name])
+            elif cache is None:
                 x, _ = block(x, bias, None, None, deterministic)
             else:
-                x, new_cache[f"layer_{i}"] = block(x, bias, cache[f"layer_{i}"], cache["index"], deterministic)
+                x, new_cache[name] = block(x, bias, cache[name], cache["index"], deterministic)
         x = common.layer_norm(self.eps, name="ln_f", **kw)(x)
         logits = wte.attend(x) if head else x
         return logits if cache is None else (logits, new_cache)
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,
-          remat: bool = False) -> GPT2LMHeadModel:
+          remat: bool = False, scan_layers: bool = False) -> GPT2LMHeadModel:
     """GPT2LMHeadModel from an HF config.json dict (the causal LM is the only architecture)."""
     if (architecture or "GPT2LMHeadModel") != "GPT2LMHeadModel":
         raise ValueError(f"gpt2 supports architecture 'GPT2LMHeadModel', got {architecture!r}")
     if hf_config.get("add_cross_attention"):
         raise ValueError("gpt2 config field add_cross_attention=True is not supported")
+    if scan_layers and hf_config.get("scale_attn_by_inverse_layer_idx", False):
+        raise ValueError("gpt2 config field scale_attn_by_inverse_layer_idx=True gives each layer its own attention "
+                         "scale, which scan_layers=True (one block for every layer) does not support")
     activation = hf_config.get("activation_function", "gelu_new")
     common.activation(activation)
     width = hf_config["n_embd"]
@@ -171,7 +182,7 @@ def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, archit
         scale_attn_by_inverse_layer_idx=hf_config.get("scale_attn_by_inverse_layer_idx", False),
         attn_pdrop=hf_config.get("attn_pdrop", 0.1), resid_pdrop=hf_config.get("resid_pdrop", 0.1),
         embd_pdrop=hf_config.get("embd_pdrop", 0.1), init_std=hf_config.get("initializer_range", 0.02),
-        dtype=dtype, param_dtype=param_dtype, remat=remat)
+        dtype=dtype, param_dtype=param_dtype, remat=remat, scan_layers=scan_layers)
 
 
 def dummy_inputs(hf_config: dict) -> tuple:

@@ -37,6 +37,7 @@ import numpy as np
 from safetensors.numpy import load_file
 
 from vera_jax import sharding as sharding_lib
+from vera_jax.models import common
 
 FAMILIES = {
     "bert": "vera_jax.models.roberta",
@@ -239,6 +240,7 @@ def from_pretrained(
     quantize_skip: Iterable[str] | None = None,
     mesh: jax.sharding.Mesh | None = None,
     rules: Iterable[tuple] | None = None,
+    scan_layers: bool = False,
 ) -> tuple[Any, dict, Any]:
     """(model, params, tokenizer or None) for a local checkpoint directory, a Hub id, or a local
     `.gguf` file (LLaMA architecture; dequantized to float, see `vera_jax.models.gguf`).
@@ -256,6 +258,11 @@ def from_pretrained(
     default device and, given `mesh`, sharded as the trainer shards it
     (`vera_jax.sharding.param_shardings` of the logical axes, `quant.quantized_axes` for quantized kernels,
     by `rules`, e.g. the trainer's `config.mesh.rules`). A `.gguf` file is read whole first.
+
+    `scan_layers`: the model runs its blocks under one nn.scan and the checkpoint's per-layer
+    tensors are stacked into its `layer` subtree (`common.stack_layers`); `params_to_hf` writes
+    them back per layer. Not with `quantize` (a stacked quantized base belongs to the adapters'
+    per-slice handling).
     """
     if quantize is not None:
         from vera_jax import quant
@@ -265,6 +272,9 @@ def from_pretrained(
     elif quantize_skip is not None:
         raise ValueError("from_pretrained: quantize_skip is given but quantize is None; pass quantize='nf4' or "
                          "'int8' too")
+    if scan_layers and quantize is not None:
+        raise ValueError(f"from_pretrained: scan_layers=True with quantize {quantize!r} is not supported; load the "
+                         "scanned model in float, or unrolled (scan_layers=False) to quantize while reading")
     if rules is not None and mesh is None:
         raise ValueError("from_pretrained: rules is given but mesh is None; rules map logical axes onto a mesh")
     if mesh is not None and rules is None:
@@ -291,10 +301,19 @@ def from_pretrained(
     model = fam.build(hf_config, dtype=dtype, param_dtype=param_dtype, architecture=chosen)
     if quantize is None and mesh is None:
         params = fam.params_from_hf(tensors, hf_config)
+        if scan_layers:
+            params = common.stack_layers(params)
         params = jax.tree.map(lambda x: jnp.asarray(x, dtype=param_dtype), params)
-        return model, params, tokenizer
-    finish = _leaf_finisher(model, fam.dummy_inputs(hf_config), param_dtype, quantize, quantize_skip, mesh, rules)
+        return model.clone(scan_layers=scan_layers), params, tokenizer
+    finish = _leaf_finisher(model, fam.dummy_inputs(hf_config), param_dtype, quantize, quantize_skip,
+                            None if scan_layers else mesh, rules)
     params = fam.params_from_hf(tensors, hf_config, finish=finish)
+    if scan_layers:  # read and cast one leaf at a time, then stacked and placed as the scanned model is sharded
+        model = model.clone(scan_layers=True)
+        params = common.stack_layers(params)
+        boxed = jax.eval_shape(lambda: model.init(jax.random.key(0), *fam.dummy_inputs(hf_config)))
+        params = _place(params, sharding_lib.param_shardings(params, nn.get_partition_spec(boxed)["params"], mesh,
+                                                             rules))
     # the plain load's tree.map rebuilds every dict with sorted keys; the same here, nothing copied
     return model, jax.tree.map(lambda x: x, params, is_leaf=_is_quantized), tokenizer
 

@@ -15,6 +15,8 @@ Gemma 3's local layers). Param tree, the same logical names in every family:
     pre_feedforward_layernorm), and where the family has them
     layer_{i}/attention/{query_norm,key_norm} (q_norm, k_norm), layer_{i}/attn_post_norm (Gemma 2/3's
     post_attention_layernorm), layer_{i}/mlp_post_norm (post_feedforward_layernorm)
+    (scan_layers: the layer_{i} subtrees are one `layer` subtree, leaves stacked (L, ...); it needs
+    every layer of one kind, so Gemma 2/3's interleaved sliding and global layers are refused)
 """
 
 from __future__ import annotations
@@ -151,8 +153,7 @@ class LlamaAttention(nn.Module):
         key = apply_rope(project("key", self.num_kv_heads), position_ids, self.inv_freq)
         value = project("value", self.num_kv_heads)
         if layer_cache is not None:
-            layer_cache = decoding.update_cache(layer_cache, cache_index, key, value)
-            key, value = layer_cache["key"], layer_cache["value"]
+            layer_cache, key, value = decoding.write_cache(layer_cache, cache_index, key, value)
         dropout = nn.Dropout(self.dropout_rate, deterministic=deterministic)
         scale = self.head_dim ** -0.5 if v.attn_scale is None else v.attn_scale
         out = decoding.attend(query, key, value, bias, scale, dropout, softcap=v.attn_softcap)
@@ -207,6 +208,7 @@ class LlamaForCausalLM(nn.Module):
 
     `attention_mask` (1 = token, 0 = pad) is (batch, T), or (batch, cache length) with a
     cache; position ids default to counts of unmasked tokens, so left padding works.
+    `scan_layers` runs the blocks under one nn.scan (`common.scan_blocks`) with a stacked cache.
     """
 
     vocab_size: int
@@ -231,11 +233,12 @@ class LlamaForCausalLM(nn.Module):
     layer_types: tuple[str, ...] | None = None  # per layer FULL or SLIDING; None: all FULL
     sliding_window: int | None = None  # a SLIDING layer's query sees the keys of its last `sliding_window` slots
     local_inv_freq: tuple[float, ...] | None = None  # a SLIDING layer's rope (Gemma 3's local base); None: inv_freq
+    scan_layers: bool = False  # one nn.scan over the layers (all of one kind: see build)
 
     def init_cache(self, batch_size: int, max_length: int) -> dict:
         """Empty KV cache for `batch_size` sequences of at most `max_length` tokens."""
         return decoding.init_cache(batch_size, max_length, self.num_layers, self.num_kv_heads, self.head_dim,
-                                   self.dtype)
+                                   self.dtype, stacked=self.scan_layers)
 
     def hidden_states(self, input_ids, attention_mask=None, position_ids=None, deterministic=True):
         """The LM head's input (batch, T, width): the final norm's output."""
@@ -266,16 +269,27 @@ class LlamaForCausalLM(nn.Module):
         rope = {FULL: self.inv_freq, SLIDING: self.local_inv_freq or self.inv_freq}
         block_cls = nn.remat(LlamaBlock, static_argnums=(6,)) if self.remat else LlamaBlock
         new_cache = None if cache is None else {"index": cache["index"] + input_ids.shape[1]}
-        for i in range(self.num_layers):
+        if self.scan_layers and len(set(layer_types)) > 1:
+            raise ValueError("scan_layers: every layer must be of one kind (sliding or global) to run under one "
+                             f"scan; this model mixes them ({list(layer_types)}): load it with scan_layers=False")
+        names = [common.SCANNED] if self.scan_layers else [f"layer_{i}" for i in range(self.num_layers)]
+        for i, name in enumerate(names):
             kind = layer_types[i]
             block = block_cls(self.num_heads, self.num_kv_heads, self.head_dim, self.inner_dim, rope[kind],
                               self.activation, self.eps, self.attention_bias, self.mlp_bias, self.attention_dropout,
-                              self.init_std, name=f"layer_{i}", variant=self.variant, **kw)
-            if cache is None:
+                              self.init_std, name=name, variant=self.variant, **kw)
+            if self.scan_layers and cache is None:
+                x = common.scan_blocks(block, self.num_layers, x, biases[kind], position_ids, None, None,
+                                       deterministic)
+            elif self.scan_layers:
+                x, new_cache[name] = common.scan_blocks(block, self.num_layers, x, biases[kind], position_ids,
+                                                        common.LAYER_CACHE, cache["index"], deterministic,
+                                                        cache=cache[name])
+            elif cache is None:
                 x, _ = block(x, biases[kind], position_ids, None, None, deterministic)
             else:
-                x, new_cache[f"layer_{i}"] = block(x, biases[kind], position_ids, cache[f"layer_{i}"],
-                                                   cache["index"], deterministic)
+                x, new_cache[name] = block(x, biases[kind], position_ids, cache[name], cache["index"],
+                                           deterministic)
         x = RMSNorm(self.eps, name="norm", offset=self.variant.norm_offset, **kw)(x)
         logits = self._head(embed, x, kw) if head else x
         return logits if cache is None else (logits, new_cache)
@@ -368,7 +382,7 @@ def _rope_config(hf_config: dict, kind: str) -> dict:
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,
-          remat: bool = False) -> LlamaForCausalLM:
+          remat: bool = False, scan_layers: bool = False) -> LlamaForCausalLM:
     """The causal LM of an HF config.json dict (`model_type` one of `ARCHITECTURES`)."""
     model_type = hf_config.get("model_type", "llama")
     if model_type not in ARCHITECTURES:
@@ -401,7 +415,8 @@ def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, archit
         tie_word_embeddings=hf_config.get("tie_word_embeddings", tied),
         init_std=hf_config.get("initializer_range", 0.02), dtype=dtype, param_dtype=param_dtype, remat=remat,
         variant=variant(hf_config), layer_types=kinds,
-        sliding_window=hf_config.get("sliding_window") if kinds else None, local_inv_freq=local)
+        sliding_window=hf_config.get("sliding_window") if kinds else None, local_inv_freq=local,
+        scan_layers=scan_layers)
 
 
 def dummy_inputs(hf_config: dict) -> tuple:

@@ -55,6 +55,8 @@ class ModelSpec:
     seed: random_init weights and a fresh classifier.
     mesh, rules: where a quantized safetensors load places each leaf: the logical-axis rules
         (the trainer's config.mesh.rules) onto `mesh`, as the trainer shards it.
+    scan_layers: the blocks under one nn.scan, their params stacked on a leading "layers" axis
+        (compile time flat in depth); the same checkpoints load, stacked (not with `quantize`).
     network_timeout: seconds to wait for the Hub before failing with advice.
     advice: appended to the offline error (how to pass the rest of a run's inputs offline).
     """
@@ -73,6 +75,7 @@ class ModelSpec:
     rules: tuple = ()
     network_timeout: float = 5.0
     advice: str = ""
+    scan_layers: bool = False
 
     def __post_init__(self):
         if not self.checkpoint:
@@ -81,6 +84,9 @@ class ModelSpec:
             raise ConfigError(f"model.quantize: expected one of {list(QUANTIZE)}, got {self.quantize!r}")
         if self.dtype not in DTYPES:
             raise ConfigError(f"model.dtype: expected one of {list(DTYPES)}, got {self.dtype!r}")
+        if self.scan_layers and self.quantize:
+            raise ConfigError(f"model.scan_layers: True with model.quantize={self.quantize!r} is not supported (a "
+                              "stacked quantized base); set model.scan_layers=False or model.quantize=''")
         if self.overrides and not self.random_init:
             raise ConfigError("model.overrides: only with model.random_init=True (pretrained weights fix the shapes)")
         if self.mesh is not None and not self.rules:
@@ -97,7 +103,8 @@ class ModelSpec:
             mesh = dict(mesh=sharding.make_mesh(config.mesh), rules=tuple(tuple(r) for r in config.mesh.rules))
         return cls(checkpoint=m.checkpoint, tokenizer=m.tokenizer, head=tuple(m.head), random_init=bool(m.random_init),
                    overrides=dict(m.overrides), quantize=m.get("quantize", ""), dtype=m.get("dtype", "float32"),
-                   seed=config.seed, network_timeout=config.network_timeout, **mesh, **options)
+                   scan_layers=bool(m.get("scan_layers", False)), seed=config.seed,
+                   network_timeout=config.network_timeout, **mesh, **options)
 
 
 @dataclasses.dataclass
@@ -155,7 +162,7 @@ def load_model(spec: ModelSpec, path: Optional[str] = None) -> LoadedModel:
     if spec.random_init:
         stored = hub.bundled_config(spec.checkpoint) if path is None else hub.read_config(path)
         hf_config = hub.task_config({**stored, **spec.overrides}, spec.num_labels, spec.architecture)
-        module, params = _random(hf_config, dtype, spec.seed, _chosen(spec, hf_config))
+        module, params = _random(hf_config, dtype, spec.seed, _chosen(spec, hf_config), scan_layers=spec.scan_layers)
         tokenizer = hub.load_tokenizer(path) if path and os.path.isdir(path) else None
     else:
         stored = hub.read_config(path)
@@ -166,7 +173,7 @@ def load_model(spec: ModelSpec, path: Optional[str] = None) -> LoadedModel:
                 streamed.update(mesh=spec.mesh, rules=spec.rules)
         module, params, tokenizer = hub.from_pretrained(path, dtype=dtype, param_dtype=dtype,
                                                         num_labels=spec.num_labels, architecture=spec.architecture,
-                                                        **streamed)
+                                                        scan_layers=spec.scan_layers, **streamed)
         hf_config = hub.task_config(stored, spec.num_labels, spec.architecture)
         if _needs_fresh_head(stored, spec.num_labels):
             fresh = common.init_subtrees(module, hub.family(hf_config["model_type"]).dummy_inputs(hf_config),
@@ -189,21 +196,28 @@ def load_model(spec: ModelSpec, path: Optional[str] = None) -> LoadedModel:
 
 
 def random_model(hf_config: dict, *, dtype: str = "float32", seed: int = 0, architecture: Optional[str] = None,
-                 abstract: bool = False) -> LoadedModel:
+                 abstract: bool = False, scan_layers: bool = False) -> LoadedModel:
     """The model of an HF config dict (e.g. `hub.bundled_config(name)` with fields replaced) with
     weights drawn from `seed`, no files read; `abstract`: params as `jax.ShapeDtypeStruct`s, nothing
-    allocated (XLA's FLOP counts of a model larger than this machine). For benchmarks and tests."""
-    module, params = _random(hf_config, jnp.dtype(dtype), seed, architecture, abstract)
+    allocated (XLA's FLOP counts of a model larger than this machine); `scan_layers`: the scanned
+    model (its params stacked from the same draw as the unrolled one's). For benchmarks and tests."""
+    module, params = _random(hf_config, jnp.dtype(dtype), seed, architecture, abstract, scan_layers)
     return LoadedModel(module=module, params=params, tokenizer=None, hf_config=hf_config, path="",
                        param_axes=_param_axes(module, hf_config))
 
 
-def _random(hf_config: dict, dtype, seed: int, architecture: Optional[str], abstract: bool = False):
+def _random(hf_config: dict, dtype, seed: int, architecture: Optional[str], abstract: bool = False,
+            scan_layers: bool = False):
+    """(module, params) drawn from `seed`; a scanned module gets its unrolled twin's draw, stacked, so
+    both layouts of one seed hold the same weights."""
     fam = hub.family(hf_config["model_type"])
     module = fam.build(hf_config, dtype=dtype, param_dtype=dtype, architecture=architecture)
     init = jax.eval_shape if abstract else lambda f, *args: jax.jit(f)(*args)
-    params = init(module.init, jax.random.key(seed), *fam.dummy_inputs(hf_config))["params"]
-    return module, nn.unbox(params)
+    params = nn.unbox(init(module.init, jax.random.key(seed), *fam.dummy_inputs(hf_config))["params"])
+    if scan_layers:
+        module = module.clone(scan_layers=True)
+        params = jax.eval_shape(common.stack_layers, params) if abstract else jax.jit(common.stack_layers)(params)
+    return module, params
 
 
 def _param_axes(module: nn.Module, hf_config: dict):

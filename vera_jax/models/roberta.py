@@ -17,6 +17,7 @@ trainer. Param tree (kernels (in, out)):
     embeddings/layernorm
     layer_{i}/attention/{query,key,value,attn_out}, layer_{i}/attn_norm,
     layer_{i}/mlp_in, layer_{i}/mlp_out, layer_{i}/mlp_norm
+                                            (scan_layers: one `layer` subtree, leaves stacked (L, ...))
     pooler                                  (BERT classification only)
     classifier | classifier/{dense,out_proj}  (BERT | RoBERTa classification only)
 """
@@ -160,13 +161,15 @@ class Encoder(nn.Module):
     """BERT/RoBERTa encoder, with the HF classification head when `config.num_labels` is set.
 
     Inputs are int (batch, seq); `attention_mask` is 1 for real tokens. `remat` recomputes
-    each block's activations in the backward pass (nn.remat).
+    each block's activations in the backward pass (nn.remat); `scan_layers` runs the blocks under
+    one nn.scan (`common.scan_blocks`).
     """
 
     config: EncoderConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, input_ids, attention_mask=None, token_type_ids=None, position_ids=None,
@@ -187,8 +190,11 @@ class Encoder(nn.Module):
             token_type_ids = jnp.zeros_like(input_ids)
         x = Embeddings(c, name="embeddings", **kw)(input_ids, token_type_ids, position_ids, deterministic)
         block = nn.remat(Layer, static_argnums=(3,)) if self.remat else Layer
-        for i in range(c.num_layers):
-            x = block(c, name=f"layer_{i}", **kw)(x, attention_mask, deterministic)
+        if self.scan_layers:
+            x = common.scan_blocks(block(c, name=common.SCANNED, **kw), c.num_layers, x, attention_mask, deterministic)
+        else:
+            for i in range(c.num_layers):
+                x = block(c, name=f"layer_{i}", **kw)(x, attention_mask, deterministic)
         if c.num_labels is None:
             return x
         if c.roberta:
@@ -217,11 +223,12 @@ class RobertaClassificationHead(nn.Module):
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,
-          remat: bool = False) -> Encoder:
+          remat: bool = False, scan_layers: bool = False) -> Encoder:
     """Module for `hf_config` (its `architectures[0]` unless `architecture` is given)."""
     if architecture is not None:
         hf_config = {**hf_config, "architectures": [architecture]}
-    return Encoder(EncoderConfig.from_hf(hf_config), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return Encoder(EncoderConfig.from_hf(hf_config), dtype=dtype, param_dtype=param_dtype, remat=remat,
+                   scan_layers=scan_layers)
 
 
 def dummy_inputs(hf_config: dict) -> tuple:

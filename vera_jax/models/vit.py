@@ -12,6 +12,7 @@ Param tree:
     layer_{i}/layernorm_before, layer_{i}/attention/{query,key,value,attn_out},
     layer_{i}/layernorm_after, layer_{i}/mlp_in, layer_{i}/mlp_out
     layernorm, classifier (ViTForImageClassification only)
+    (scan_layers: the layer_{i} subtrees are one `layer` subtree, leaves stacked (L, ...))
 """
 
 from __future__ import annotations
@@ -141,12 +142,14 @@ class Layer(nn.Module):
 
 
 class ViT(nn.Module):
-    """ViT encoder; logits from the [CLS] token when `config.num_labels` is set."""
+    """ViT encoder; logits from the [CLS] token when `config.num_labels` is set. `scan_layers`
+    runs the blocks under one nn.scan (`common.scan_blocks`)."""
 
     config: ViTConfig
     dtype: Any = jnp.float32
     param_dtype: Any = jnp.float32
     remat: bool = False
+    scan_layers: bool = False
 
     @nn.compact
     def __call__(self, pixel_values, deterministic: bool = True):
@@ -154,8 +157,11 @@ class ViT(nn.Module):
         kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
         x = Embeddings(c, name="embeddings", **kw)(pixel_values.astype(self.dtype), deterministic)
         block = nn.remat(Layer, static_argnums=(2,)) if self.remat else Layer
-        for i in range(c.num_layers):
-            x = block(c, name=f"layer_{i}", **kw)(x, deterministic)
+        if self.scan_layers:
+            x = common.scan_blocks(block(c, name=common.SCANNED, **kw), c.num_layers, x, deterministic)
+        else:
+            for i in range(c.num_layers):
+                x = block(c, name=f"layer_{i}", **kw)(x, deterministic)
         x = common.layer_norm(c.layer_norm_eps, name="layernorm", **kw)(x)
         if c.num_labels is None:
             return x
@@ -164,10 +170,11 @@ class ViT(nn.Module):
 
 
 def build(hf_config: dict, *, dtype=jnp.float32, param_dtype=jnp.float32, architecture: str | None = None,
-          remat: bool = False) -> ViT:
+          remat: bool = False, scan_layers: bool = False) -> ViT:
     if architecture is not None:
         hf_config = {**hf_config, "architectures": [architecture]}
-    return ViT(ViTConfig.from_hf(hf_config), dtype=dtype, param_dtype=param_dtype, remat=remat)
+    return ViT(ViTConfig.from_hf(hf_config), dtype=dtype, param_dtype=param_dtype, remat=remat,
+               scan_layers=scan_layers)
 
 
 def dummy_inputs(hf_config: dict) -> tuple:

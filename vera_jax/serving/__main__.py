@@ -2,7 +2,8 @@
 
 Loads the base (an HF checkpoint directory, a Hub id or a `.gguf` file) once through the model
 loader (`vera_jax.models.loader`: `--quantize` keeps its linear kernels 4-bit or int8 in device
-memory, `--dtype` sets its precision), every `--adapter` into the bank (a refused adapter stops the
+memory, `--dtype` sets its precision, `--scan-layers` runs its blocks under one nn.scan with a
+stacked KV cache), every `--adapter` into the bank (a refused adapter stops the
 start with its reason), and serves the OpenAI-compatible API (`server.py`).
 """
 
@@ -32,6 +33,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="keep the base's linear kernels quantized: nf4 or int8 (quantized while read), gguf (a "
                         ".gguf file's Q4_0/Q4_1 blocks as stored); default: as stored, dequantized")
     p.add_argument("--dtype", default="float32", choices=loader.DTYPES, help="the base's params and compute")
+    p.add_argument("--scan-layers", "--scan_layers", action="store_true",
+                   help="run the base's blocks under one nn.scan (params stacked on a layer axis; compile time flat "
+                        "in depth)")
     p.add_argument("--network-timeout", type=float, default=5.0,
                    help="seconds to wait for the Hugging Face Hub before failing with advice")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
@@ -80,6 +84,7 @@ def build(args: argparse.Namespace):
     """(app, engine, bank) from parsed arguments."""
     try:
         model = loader.load_model(loader.ModelSpec(args.checkpoint, quantize=args.quantize, dtype=args.dtype,
+                                                   scan_layers=args.scan_layers,
                                                    network_timeout=args.network_timeout))
     except (loader.ConfigError, loader.CheckpointUnavailableError, FileNotFoundError) as e:
         raise SystemExit(f"--checkpoint: {e}") from None

@@ -23,6 +23,7 @@ def model_config() -> ml_collections.ConfigDict:
     m.dtype = "float32"  # float32 | bfloat16 | float16: the loaded params (compute_dtype casts per step)
     m.loss_chunk = 256  # causal LMs: positions whose logits exist at once in the loss (memory O(chunk x vocab));
     # 0: all logits at once
+    m.scan_layers = False  # True: the blocks run under one nn.scan (params stacked (layers, ...)); flat compile time
     return m
 
 

@@ -56,7 +56,8 @@ def adapt_model(config, model: runner.Model) -> runner.Model:
         raise runner.ConfigError(f"data.image_size: {size} needs a ViT whose patch_size divides it; the model is "
                                  f"{hf['model_type']} with patch_size {hf.get('patch_size')}")
     params, hf = vit.interpolate_position_embeddings(model.params, hf, size)
-    return dataclasses.replace(model, module=vit.build(hf), params=params, hf_config=hf)
+    return dataclasses.replace(model, module=model.module.clone(config=vit.ViTConfig.from_hf(hf)), params=params,
+                               hf_config=hf)
 
 
 def print_top1(steps_per_epoch: int):

@@ -30,7 +30,7 @@ import vera_jax
 from vera_jax import train as train_lib
 from vera_jax.adapters.methods import registry
 from vera_jax.data.common import DataUnavailableError
-from vera_jax.models import loader
+from vera_jax.models import common, loader
 from vera_jax.models.loader import CheckpointUnavailableError, ConfigError
 from vera_jax.models.loader import LoadedModel as Model
 from vera_jax.tasks.config import SET_BY_RUNNER, method_config, model_config  # noqa: F401 - a config's API
@@ -197,8 +197,10 @@ def _build(family: Family, config):
     spec = dataclasses.replace(spec, **family.model_options(config, data))
     model = family.adapt_model(config, loader.load_model(spec, path))
     parts = family.make_parts(config, model, data)
+    # a scanned model's params carry their axis names, so the adapter finds the stacked layer axis
+    params = common.boxed(model.params, model.param_axes) if spec.scan_layers else model.params
     try:
-        adapted = attach(model.params, config)
+        adapted = attach(params, config)
     except ConfigError:
         raise
     except ValueError as e:  # the method's config does not fit this model, e.g. targets matching no layer
