@@ -92,7 +92,7 @@ def test_refuses_what_it_cannot_batch_with_the_reason(served, tmp_path):
     unshared = vera_jax.apply_vera(params, vera_jax.VeraConfig(r=4, targets=("value",), share_projections=False))
     with pytest.raises(AdapterRefused, match="share_projections=False"):
         bank.add("unshared", unshared)
-    _, other_params, _ = tiny("gpt2" if family == "llama" else "llama")
+    _, other_params, _ = tiny("llama" if family == "gpt2" else "gpt2")   # layers of other names or shapes
     vera_jax.save_adapter(tmp_path / "other", vera_jax.apply_vera(other_params, vera_jax.VeraConfig(r=4)))
     with pytest.raises(ValueError, match="other layers or shapes|does not fit"):
         bank.load("other", tmp_path / "other")
