@@ -210,9 +210,15 @@ def test_scanned_equals_unrolled_on_every_path(models, method):
     adapted = _perturb(adapted)
     twin_adapted = core.unstack(adapted)
     x = _x()
-    for path in ("merged", "factored", "auto") if method == "vera" else ("merged", "factored"):
-        value, grads = _output_and_grads(Scanned(), adapted, path, x)
-        want_value, want_grads = _output_and_grads(Unrolled(), twin_adapted, path, x)
+    paths = ("merged", "factored", "auto") if method == "vera" else ("merged", "factored")
+    _assert_equals_twin(Scanned(), adapted, Unrolled(), twin_adapted, paths, x)
+
+
+def _assert_equals_twin(model, adapted, twin_model, twin_adapted, paths, x):
+    """On each path: the stacked model's output and adapter gradients equal its unrolled twin's."""
+    for path in paths:
+        value, grads = _output_and_grads(model, adapted, path, x)
+        want_value, want_grads = _output_and_grads(twin_model, twin_adapted, path, x)
         np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
         _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
 
@@ -240,11 +246,7 @@ def test_scan_of_scans_equals_its_unrolled_twin():
     unstacked = core.unstack(adapted)
     assert unstacked.layers == reference.layers
     _close(unstacked.base, twin, 0)
-    for path in ("merged", "factored"):
-        value, grads = _output_and_grads(Nested(), adapted, path, x)
-        want_value, want_grads = _output_and_grads(NestedUnrolled(), unstacked, path, x)
-        np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
-        _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
+    _assert_equals_twin(Nested(), adapted, NestedUnrolled(), unstacked, ("merged", "factored"), x)
 
 
 def test_adapter_dropout_drops_the_same_inputs_as_the_unrolled_twin(models):
