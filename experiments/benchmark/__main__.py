@@ -5,6 +5,7 @@ writes it to --json PATH if given.
     python -m experiments.benchmark --model=roberta-base --layers=2 --against=peft --format=markdown
     python -m experiments.benchmark --crossover --model=roberta-base --crossover_ranks=64,1024
     python -m experiments.benchmark --scan_layers --model=roberta-base --scan_depths=6,12,24,48 --format=markdown
+    python -m experiments.benchmark --floor_profile --model=roberta-base --batch=8 --seq=256 --format=markdown
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import json
 from absl import app, flags
 
 from .crossover import crossover_markdown, crossover_record
+from .floor_profile import floor_profile_markdown, floor_profile_record
 from .report import benchmark_record, markdown
 from .scan import DEPTHS, SCAN_METHODS, scan_markdown, scan_record
 from .shapes import PAPER_RANK
@@ -37,6 +39,8 @@ flags.DEFINE_list("crossover_ranks", ["16", "64", "256", "1024", "4096"], "VeRA 
 flags.DEFINE_list("crossover_tokens", ["64", "256", "1024", "4096", "16384"], "token counts of the crossover sweep")
 flags.DEFINE_bool("scan_layers", False, "scanned vs unrolled layers at each of --scan_depths: compile time and step "
                   f"time (methods: {','.join(SCAN_METHODS)}; default floor) instead of the model benchmark")
+flags.DEFINE_bool("floor_profile", False, "one encoder layer's parts (matmuls, attention, LayerNorm, GELU), forward + "
+                  "backward, JAX beside torch, instead of the model benchmark (XLA_FLAGS as set in the environment)")
 flags.DEFINE_list("scan_depths", [str(d) for d in DEPTHS], "depths of the --scan_layers comparison")
 flags.DEFINE_bool("count_only", False, "count XLA's FLOPs per method and the minimum, on abstract weights, "
                   "without running (e.g. a GPU run's shape, on a CPU)")
@@ -70,6 +74,10 @@ def main(argv: list[str]) -> None:
         record = scan_record(FLAGS.model, [int(x) for x in FLAGS.scan_depths], FLAGS.hidden, FLAGS.batch, FLAGS.seq,
                              FLAGS.iters, FLAGS.warmup, methods, FLAGS.dtype)
         table = scan_markdown
+    elif FLAGS.floor_profile:
+        record = floor_profile_record(FLAGS.model, FLAGS.hidden, FLAGS.batch, FLAGS.seq, FLAGS.iters, FLAGS.warmup,
+                                      FLAGS.dtype)
+        table = floor_profile_markdown
     elif FLAGS.crossover:
         record = crossover_record(FLAGS.model, FLAGS.hidden, [int(x) for x in FLAGS.crossover_ranks],
                                   [int(x) for x in FLAGS.crossover_tokens], FLAGS.iters, FLAGS.warmup, FLAGS.dtype)
