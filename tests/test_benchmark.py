@@ -13,7 +13,7 @@ from absl import flags
 
 import vera_jax
 from experiments.benchmark import __main__ as cli
-from experiments.benchmark import crossover, quantized, report, shapes, steps
+from experiments.benchmark import crossover, floor_profile, quantized, report, shapes, steps
 from vera_jax import quant
 from vera_jax.models import hub, llama
 
@@ -218,3 +218,13 @@ def test_count_only_counts_the_same_programs_without_weights(with_peft):
     ran = quantized.benchmark(cfg, ["nf4"], [("vera", 16)], batch=2, seq=8, iters=1, warmup=0)
     assert [r["xla_flops"] for r in counted["rows"]] == [r["xla_flops"] for r in ran["rows"]]
     assert counted["mode"] == "count" and counted["ratios"] == {}
+
+
+def test_floor_profile_times_the_same_computation_in_jax_and_torch(run_cli):
+    calls = floor_profile.part_calls("roberta-base", 32, 2, 8, "float32", against_torch=True)
+    for part in floor_profile.PARTS:
+        got, want = np.asarray(calls[f"jax/{part}"]()), calls[f"torch/{part}"]().numpy()
+        np.testing.assert_allclose(got, want, rtol=2e-4, atol=1e-5, err_msg=part)
+    out = run_cli("--floor_profile", "--hidden=32", "--batch=2", "--seq=8", "--iters=1", "--warmup=0",
+                  "--format=markdown")
+    assert all(f"| {part} |" in out for part in floor_profile.PARTS) and "XLA_FLAGS=" in out

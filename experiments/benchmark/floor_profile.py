@@ -34,26 +34,37 @@ from .timing import machine
 PARTS = ("projections", "mlp_matmuls", "attention_core", "attention_fused", "layer_norms", "gelu", "layer")
 
 
-def _jax_parts(batch: int, seq: int, d: int, heads: int, dtype) -> dict:
-    hd, f = d // heads, 4 * d
+def _sum_squares(outs):
+    """The scalar each part is differentiated through; separate outputs stay separate (a sum of
+    matmuls sharing an input would let XLA merge them into one)."""
+    return sum(jnp.sum(o.astype(jnp.float32) ** 2) for o in (outs if isinstance(outs, tuple) else (outs,)))
+
+
+def _inputs(batch: int, seq: int, d: int) -> dict:
+    """The same random inputs and weights (numpy, float32) for both frameworks."""
     rng = np.random.default_rng(0)
+    shapes = {"x": (batch, seq, d), "h": (batch, seq, 4 * d), "wq": (d, d), "wk": (d, d), "wv": (d, d),
+              "wo": (d, d), "w1": (d, 4 * d), "w2": (4 * d, d)}
+    return {k: rng.standard_normal(v, dtype=np.float32) * (1.0 if k in ("x", "h") else 0.05)
+            for k, v in shapes.items()}
 
-    def arr(*shape):
-        return jnp.asarray(rng.standard_normal(shape, dtype=np.float32) * 0.02, dtype)
 
-    x, h = arr(batch, seq, d), arr(batch, seq, f)
-    wq, wk, wv, wo, w1, w2 = arr(d, d), arr(d, d), arr(d, d), arr(d, d), arr(d, f), arr(f, d)
-    g, b = jnp.ones((d,), dtype), jnp.zeros((d,), dtype)
+def _jax_parts(inputs: dict, heads: int, dtype) -> dict:
+    """Part name -> a call returning d(sum of squares of the part's outputs)/d(its input)."""
+    a = {k: jnp.asarray(v, dtype) for k, v in inputs.items()}
+    batch, seq, d = inputs["x"].shape
+    hd = d // heads
+    x, h, wq, wk, wv, wo, w1, w2 = (a[k] for k in ("x", "h", "wq", "wk", "wv", "wo", "w1", "w2"))
 
     def ln(t):
         mu = t.mean(-1, keepdims=True)
         var = ((t - mu) ** 2).mean(-1, keepdims=True)
-        return (t - mu) * jax.lax.rsqrt(var + 1e-5) * g + b
+        return (t - mu) * jax.lax.rsqrt(var + 1e-5)
 
     def split(t):
         return t.reshape(batch, seq, heads, hd)
 
-    def core(q, k, v):
+    def core(q, k, v):  # as common.Attention writes it
         logits = jnp.einsum("bqhd,bkhd->bhqk", q, k).astype(jnp.float32) / np.sqrt(hd)
         probs = jax.nn.softmax(logits, axis=-1).astype(dtype)
         return jnp.einsum("bhqk,bkhd->bqhd", probs, v)
@@ -65,7 +76,7 @@ def _jax_parts(batch: int, seq: int, d: int, heads: int, dtype) -> dict:
 
     q4 = split(x)
     fns = {
-        "projections": (lambda t: (t @ wq) + (t @ wk) + (t @ wv) + (t @ wo), x),
+        "projections": (lambda t: (t @ wq, t @ wk, t @ wv, t @ wo), x),
         "mlp_matmuls": (lambda t: (t @ w1) @ w2, x),
         "attention_core": (lambda t: core(t, t, t), q4),
         "attention_fused": (lambda t: jax.nn.dot_product_attention(t, t, t, implementation="xla"), q4),
@@ -75,48 +86,46 @@ def _jax_parts(batch: int, seq: int, d: int, heads: int, dtype) -> dict:
     }
     out = {}
     for name, (fn, arg) in fns.items():
-        step = jax.jit(jax.grad(lambda t, fn=fn: jnp.sum(fn(t).astype(jnp.float32) ** 2)))
+        step = jax.jit(jax.grad(lambda t, fn=fn: _sum_squares(fn(t))))
         jax.block_until_ready(step(arg))  # compile outside the timed rounds
         out[name] = (lambda step=step, arg=arg: jax.block_until_ready(step(arg)))
     return out
 
 
-def _torch_parts(batch: int, seq: int, d: int, heads: int, dtype: str) -> dict:
+def _torch_parts(inputs: dict, heads: int, dtype: str) -> dict:
+    """`_jax_parts` in torch, on the same inputs."""
     import torch
     import torch.nn.functional as F
 
     torch.set_num_threads(os.cpu_count())
     tdtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[dtype]
-    hd, f = d // heads, 4 * d
-    gen = torch.Generator().manual_seed(0)
-
-    def arr(*shape, grad=False):
-        return (torch.randn(*shape, generator=gen) * 0.02).to(tdtype).requires_grad_(grad)
-
-    x, h = arr(batch, seq, d, grad=True), arr(batch, seq, f, grad=True)
-    wq, wk, wv, wo, w1, w2 = arr(d, d), arr(d, d), arr(d, d), arr(d, d), arr(d, f), arr(f, d)
+    a = {k: torch.from_numpy(v).to(tdtype) for k, v in inputs.items()}
+    batch, seq, d = inputs["x"].shape
+    hd = d // heads
+    x, h, wq, wk, wv, wo, w1, w2 = (a[k] for k in ("x", "h", "wq", "wk", "wv", "wo", "w1", "w2"))
 
     def ln(t):
         return F.layer_norm(t, (d,), eps=1e-5)
 
     def split(t):
-        return t.view(batch, seq, heads, hd)
+        return t.reshape(batch, seq, heads, hd)
 
     def core(q, k, v):
         logits = torch.einsum("bqhd,bkhd->bhqk", q, k).float() / np.sqrt(hd)
         return torch.einsum("bhqk,bkhd->bqhd", logits.softmax(-1).to(tdtype), v)
 
     def fused(q, k, v):
-        return F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        return out.transpose(1, 2)
 
     def layer(t):
         q, k, v = split(t @ wq), split(t @ wk), split(t @ wv)
         t = ln(t + core(q, k, v).reshape(t.shape) @ wo)
         return ln(t + F.gelu(t @ w1) @ w2)
 
-    q4 = split(x.detach()).clone().requires_grad_(True)
+    q4 = split(x).clone()
     fns = {
-        "projections": (lambda t: (t @ wq) + (t @ wk) + (t @ wv) + (t @ wo), x),
+        "projections": (lambda t: (t @ wq, t @ wk, t @ wv, t @ wo), x),
         "mlp_matmuls": (lambda t: (t @ w1) @ w2, x),
         "attention_core": (lambda t: core(t, t, t), q4),
         "attention_fused": (lambda t: fused(t, t, t), q4),
@@ -126,10 +135,23 @@ def _torch_parts(batch: int, seq: int, d: int, heads: int, dtype: str) -> dict:
     }
 
     def run(fn, arg):
-        arg.grad = None
-        (fn(arg).float() ** 2).sum().backward()
+        arg = arg.detach().requires_grad_(True)
+        outs = fn(arg)
+        sum((o.float() ** 2).sum() for o in (outs if isinstance(outs, tuple) else (outs,))).backward()
+        return arg.grad
 
     return {name: (lambda fn=fn, arg=arg: run(fn, arg)) for name, (fn, arg) in fns.items()}
+
+
+def part_calls(model: str, hidden: int | None, batch: int, seq: int, dtype: str, against_torch: bool) -> dict:
+    """"jax/<part>" (and "torch/<part>") -> a call computing that part's input gradient."""
+    cfg = model_config(model, None, hidden)
+    d, heads = hidden_size(cfg), int(cfg["num_attention_heads"])
+    inputs = _inputs(batch, seq, d)
+    calls = {f"jax/{k}": v for k, v in _jax_parts(inputs, heads, jnp.dtype(dtype)).items()}
+    if against_torch:
+        calls.update({f"torch/{k}": v for k, v in _torch_parts(inputs, heads, dtype).items()})
+    return calls
 
 
 def floor_profile_record(model: str, hidden: int | None, batch: int, seq: int, iters: int, warmup: int,
@@ -137,9 +159,7 @@ def floor_profile_record(model: str, hidden: int | None, batch: int, seq: int, i
     """Median ms per part (forward + backward) in JAX and, when asked, torch; their ratios."""
     cfg = model_config(model, None, hidden)
     d, heads = hidden_size(cfg), int(cfg["num_attention_heads"])
-    calls = {f"jax/{k}": v for k, v in _jax_parts(batch, seq, d, heads, jnp.dtype(dtype)).items()}
-    if against_torch:
-        calls.update({f"torch/{k}": v for k, v in _torch_parts(batch, seq, d, heads, dtype).items()})
+    calls = part_calls(model, hidden, batch, seq, dtype, against_torch)
     times: dict[str, list] = {name: [] for name in calls}
     for i in range(warmup + iters):
         for name, call in calls.items():
