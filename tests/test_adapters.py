@@ -216,6 +216,9 @@ def test_target_selection_names_regex_and_layers(tiny):
     assert names(vera_jax.VeraConfig(layers_to_transform=1)) == ["layer_1/query", "layer_1/value"]
     with pytest.raises(ValueError, match=r"VeraConfig.targets.*matched no linear module.*layer_0/query"):
         vera_jax.apply_vera(params, vera_jax.VeraConfig(targets=("uery",)))
+    with pytest.warns(UserWarning, match=r"targets: \['attention/output/dense'\] matched no linear module \(the other"):
+        assert names(vera_jax.VeraConfig(targets=("query", "attention/output/dense"))) == [
+            "layer_0/query", "layer_1/query"]
     with pytest.raises(ValueError, match=r"in layers \[7\]"):
         vera_jax.apply_vera(params, vera_jax.VeraConfig(layers_to_transform=[7]))
     with pytest.raises(ValueError, match=r"trainable_extra.*matched no module"):

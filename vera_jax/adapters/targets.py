@@ -26,6 +26,7 @@ no rule explains (more than two without `kernel_in_axes`) is refused, never gues
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any, Hashable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
@@ -241,6 +242,10 @@ def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = 
             f"{cls}.targets: {list(config.targets)} matched no linear module{where}. "
             f"Linear modules in these params: {abbreviate(path_str(p) for p in modules) or 'none'}"
         )
+    unmatched = [t for t in config.targets if not any(matches(t, path_str(p)) for p in modules)]
+    if unmatched:  # e.g. HF's "attention/output/dense" where our models say "attn_out": silently fewer layers
+        warnings.warn(f"{cls}.targets: {unmatched} matched no linear module (the other patterns did). Linear "
+                      f"modules in these params: {abbreviate(path_str(p) for p in modules)}", stacklevel=3)
     return tuple(specs)
 
 
