@@ -160,8 +160,12 @@ def test_too_many_layer_axes_and_partial_layers_are_refused(models):
     with pytest.raises(ValueError, match=r"stacked_axes: module layers/query has a kernel of shape \(4, 32, 32\); "
                                          "its 2 layer axes"):
         vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, stacked_axes={"layers": 2}))
-    with pytest.raises(ValueError, match="layers_to_transform: .* some of the 4 stacked layers of module layers/query"):
+    with pytest.raises(ValueError) as partial:
         vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 2], **STACKED))
+    message = str(partial.value)
+    assert "\n" not in message and message.startswith(
+        "VeraConfig.layers_to_transform: [0, 2] keeps only some of the 4 stacked layers [0, 1, 2, 3] of module "
+        "layers/query (kernel (4, 32, 32)); a stacked kernel is adapted whole: allowed are all of [0, 1, 2, 3] or none")
     whole = vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 1, 2, 3], **STACKED))
     assert len(whole.layers) == 2
 
@@ -323,8 +327,40 @@ def test_quantized_stacked_base_is_quantized_per_layer_and_trains_as_the_twin(mo
         want_value, want_grads = _output_and_grads(Unrolled(), twin_adapted, path, x)
         np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
         _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
-    with pytest.raises(ValueError, match=r"stacked_axes gives module layers/query \(kernel \(4, 32, 32\)\) 2"):
+    with pytest.raises(ValueError, match=r"quantize_params.stacked_axes: module layers/query has a kernel of shape "
+                                         r"\(4, 32, 32\); its 2 layer axes leave no \(in, out\) map"):
         quant.quantize_params(scanned, method, stacked_axes={"layers": 2})
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantize_params_reads_the_layer_axis_from_partitioning_metadata(method):
+    """Boxed params (a scanned model's init, "layers" axis names) quantize per layer with no
+    argument, as stacked_axes would; the result stays boxed, so apply_vera reads the same axis.
+    Without metadata or stacked_axes the kernel is refused by the adapters' rule, word for word."""
+    from vera_jax import quant
+
+    boxed = Scanned(boxed=True).init(jax.random.key(0), _x())["params"]
+    plain = nn.unbox(boxed)
+    q = quant.quantize_params(boxed, method, block_size=32)
+    assert isinstance(q["layers"]["query"]["kernel"], nn.Partitioned)
+    kernel = nn.unbox(q)["layers"]["query"]["kernel"]
+    assert kernel.shape == (L, D, D) and kernel.layer_shape == (D, D)
+    explicit = quant.quantize_params(plain, method, block_size=32, **STACKED)
+    _close(nn.unbox(q), explicit, 0)
+    adapted = _perturb(vera_jax.apply_vera(q, vera_jax.VeraConfig(r=8)))
+    assert [s.stack for s in adapted.layers] == [((0, 1),), ((0, 1),)]
+    reference = _perturb(vera_jax.apply_vera(explicit, vera_jax.VeraConfig(r=8, **STACKED)))
+    x = _x()
+    np.testing.assert_array_equal(vera_jax.apply_adapted(Scanned(), adapted, x, path="factored"),
+                                  vera_jax.apply_adapted(Scanned(), reference, x, path="factored"))
+    with pytest.raises(ValueError) as refused:
+        quant.quantize_params(plain, method, block_size=32)
+    with pytest.raises(ValueError) as adapters_refused:
+        vera_jax.apply_vera(plain, vera_jax.VeraConfig(r=8))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("quantize_params.stacked_axes: module layers/query has a kernel "
+                                                       "of shape (4, 32, 32) whose axes no rule explains")
+    assert message.removeprefix("quantize_params") == str(adapters_refused.value).removeprefix("VeraConfig")
 
 
 def test_adapter_files_name_layers_per_layer_and_load_across_layouts(models, tmp_path):

@@ -26,13 +26,14 @@ no rule explains (more than two without `kernel_in_axes`) is refused, never gues
 from __future__ import annotations
 
 import math
-from typing import Any, Hashable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Hashable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from ..tree import flatten, matches, path_str, prefix_rules
+from ..tree import DEFAULT_LAYER_AXIS_NAMES, axis_names, flatten, input_axes, layer_stacks, matches, path_str
 
-DEFAULT_LAYER_AXIS_NAMES = ("layers",)
+__all__ = ["DEFAULT_LAYER_AXIS_NAMES", "LayerSpec", "axis_names", "find_extra", "find_targets", "layer_index",
+           "linear_modules", "unrolled"]
 
 
 class LayerSpec(NamedTuple):
@@ -135,66 +136,26 @@ def linear_modules(params: Mapping) -> dict[tuple[Hashable, ...], tuple[int, ...
             if path and path[-1] == "kernel" and len(np.shape(leaf)) >= 2}
 
 
-def axis_names(params: Any) -> dict[tuple[Hashable, ...], tuple]:
-    """Leaf path -> the axis names of every boxed leaf (flax `nn.Partitioned`, `LogicallyPartitioned`:
-    anything with `.names` and `.value`) of a linen params tree; {} for plain arrays."""
-    out = {}
-
-    def walk(node, path):
-        if isinstance(node, Mapping):
-            for key, child in node.items():
-                walk(child, path + (key,))
-        elif hasattr(node, "names") and hasattr(node, "value"):
-            out[path] = tuple(node.names)
-
-    walk(params, ())
-    return out
-
-
 def abbreviate(paths: Iterable[str], limit: int = 12) -> str:
     paths = list(paths)
     shown = ", ".join(paths[:limit])
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def _metadata_stacks(names: Mapping[tuple, tuple], layer_names: tuple[str, ...], cls: str):
-    """Module path -> stack points from partitioning metadata: a kernel's leading axes named in
-    `layer_names` are layer axes, each belonging to the highest module all of whose boxed params
-    carry it (the module nn.scan built)."""
-    lead, below = {}, {}
-    for path, axes in names.items():
-        n = 0
-        while n < len(axes) and axes[n] in layer_names:
-            n += 1
-        if any(a in layer_names for a in axes[n:]):
-            raise ValueError(f"{cls}.layer_axis_names: param {path_str(path)} names its axes {axes}; a layer axis "
-                             f"({list(layer_names)}) must come before every other axis")
-        lead[path] = n
-        for t in range(1, len(path)):
-            below[path[:t]] = min(below.get(path[:t], n), n)
-    stacks = {}
-    for path, n in lead.items():
-        if path[-1] != "kernel" or not n:
-            continue
-        module = path[:-1]
-        points, have = [], 0
-        for t in range(1, len(module) + 1):
-            count = n if t == len(module) else min(below.get(module[:t], 0), n)
-            if count > have:
-                points.append((t - 1, count - have))
-                have = count
-        stacks[module] = tuple(points)
-    return stacks
-
-
 def _kept(spec: LayerSpec, config, cls: str) -> bool:
-    """layers_to_transform on a layer: kept or not; a stacked kernel is kept whole or refused."""
+    """layers_to_transform on a layer: kept or not; a stacked kernel is kept whole or refused (its
+    layers share one kernel, so adapting some of them would need a mask on every path, in files and
+    in counts; the unrolled model takes any subset)."""
     keep = config.layers_to_transform
-    picked = [layer_index(one.path, config.layers_pattern) in keep for _, one in spec.layers()]
+    indices = [layer_index(one.path, config.layers_pattern) for _, one in spec.layers()]
+    picked = [i in keep for i in indices]
     if all(picked) or not any(picked):
         return all(picked)
-    raise ValueError(f"{cls}.layers_to_transform: {list(keep)} keeps only some of the {spec.n_layers} stacked layers "
-                     f"of module {spec.name} (kernel {spec.kernel_shape}); a stacked kernel is adapted whole")
+    raise ValueError(
+        f"{cls}.layers_to_transform: {list(keep)} keeps only some of the {spec.n_layers} stacked layers {indices} of "
+        f"module {spec.name} (kernel {spec.kernel_shape}); a stacked kernel is adapted whole: allowed are all of "
+        f"{indices} or none of them (None adapts every layer); to adapt some layers, unroll the model (the zoo's "
+        "model.scan_layers=False) and load the same weights")
 
 
 def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = None) -> tuple[LayerSpec, ...]:
@@ -206,32 +167,16 @@ def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = 
     cls = type(config).__name__
     modules = linear_modules(params)
     in_axes_rules = getattr(config, "kernel_in_axes", ())
-    stack_rules = getattr(config, "stacked_axes", ())
     layer_names = tuple(getattr(config, "layer_axis_names", DEFAULT_LAYER_AXIS_NAMES))
-    meta = _metadata_stacks(names or {}, layer_names, cls)
+    stack_of = layer_stacks(names, getattr(config, "stacked_axes", ()), layer_names, cls)
     layers_to_transform = getattr(config, "layers_to_transform", None)
     specs = []
     for path, shape in modules.items():
-        name = path_str(path)
-        if not any(matches(t, name) for t in config.targets):
+        if not any(matches(t, path_str(path)) for t in config.targets):
             continue
-        stack = prefix_rules(path, stack_rules) or meta.get(path, ())
-        stacked = sum(n for _, n in stack)
-        rest = len(shape) - stacked
-        in_axes = next((n for pattern, n in in_axes_rules if matches(pattern, name)), None)
-        if rest < 2:
-            raise ValueError(f"{cls}.stacked_axes: module {name} has a kernel of shape {shape}; its {stacked} layer "
-                             "axes leave no (in, out) map")
-        if in_axes is not None and in_axes >= rest:
-            raise ValueError(f"{cls}.kernel_in_axes: module {name} has a kernel of shape {shape}; {in_axes} input "
-                             f"axes leave no output axis" + (f" after its {stacked} layer axes" if stacked else ""))
-        if in_axes is None and rest > 2:
-            raise ValueError(
-                f"{cls}.stacked_axes: module {name} has a kernel of shape {shape} whose axes no rule explains; set "
-                f"stacked_axes={{'<scanned module>': n}} (or partitioning metadata naming the axis "
-                f"{layer_names[0]!r}) for n layer axes stacked by nn.scan / nnx.vmap, or "
-                f"kernel_in_axes={{'{name}': k}} for a kernel with k input axes and the rest outputs")
-        spec = LayerSpec(path, shape, 1 if in_axes is None else in_axes, stack)
+        stack = stack_of(path)
+        in_axes = input_axes(path, shape, stack, in_axes_rules, layer_names, cls)
+        spec = LayerSpec(path, shape, in_axes, stack)
         if layers_to_transform is not None and not _kept(spec, config, cls):
             continue
         specs.append(spec)
