@@ -20,7 +20,10 @@ names, e.g. `nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})`: leadi
 number of layer axes), which wins. The scanned module is where a layer's per-layer name gets its
 index: layer i of `layers/attn/query` is `layers_i/attn/query`, the name its unrolled twin
 (linen's `layers_0`, `layers_1`, ...) has, used by adapter files and `unstack`. A kernel whose axes
-no rule explains (more than two without `kernel_in_axes`) is refused, never guessed.
+no rule explains (more than two without `kernel_in_axes`) is refused, never guessed. The rule
+itself lives in `vera_jax.tree` (`layer_stacks`, `input_axes`), where `quant.quantize_params` reads
+it too. `layers_to_transform` keeping some layers of a stack marks them in the spec's `keep`; the
+others are masked on every path (`core.masked`, the factored hook) and left out of files and counts.
 """
 
 from __future__ import annotations
@@ -40,12 +43,16 @@ class LayerSpec(NamedTuple):
     """One adapted linear layer: where it is, its kernel's shape, and its stacked layer axes.
 
     stack: ((position in `path` of a scanned module, its number of layer axes), ...), outermost
-      first; () for an unstacked layer. The kernel's leading `stacked_axes` axes are layers."""
+      first; () for an unstacked layer. The kernel's leading `stacked_axes` axes are layers.
+    keep: which of a stacked kernel's layers are adapted (C order, `layers_to_transform` keeping
+      some of them); () for all. The others hold adapter leaves too (the scan slices them), which
+      are zero, masked to an exactly zero delta on every path and never saved or counted."""
 
     path: tuple[Hashable, ...]
     kernel_shape: tuple[int, ...]
     in_axes: int
     stack: tuple[tuple[int, int], ...] = ()
+    keep: tuple[bool, ...] = ()
 
     @property
     def name(self) -> str:
@@ -63,6 +70,13 @@ class LayerSpec(NamedTuple):
     @property
     def n_layers(self) -> int:
         return math.prod(self.layer_shape)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The adapted layers as a bool array of `layer_shape`, or None when all are (see `keep`)."""
+        if not self.keep or all(self.keep):
+            return None
+        return np.array(self.keep, bool).reshape(self.layer_shape)
 
     @property
     def in_features(self) -> int:
@@ -90,9 +104,11 @@ class LayerSpec(NamedTuple):
         return tuple(path)
 
     def layers(self) -> Iterator[tuple[tuple[int, ...], "LayerSpec"]]:
-        """(index, the unrolled twin's LayerSpec) of each layer, in C order; one ((), self) unstacked."""
-        for index in np.ndindex(*self.layer_shape):
-            yield index, LayerSpec(self.layer_path(index), self.kernel_shape[self.stacked_axes:], self.in_axes)
+        """(index, the unrolled twin's LayerSpec) of each adapted layer (all, or those `keep` marks),
+        in C order; one ((), self) unstacked."""
+        for k, index in enumerate(np.ndindex(*self.layer_shape)):
+            if not self.keep or self.keep[k]:
+                yield index, LayerSpec(self.layer_path(index), self.kernel_shape[self.stacked_axes:], self.in_axes)
 
 
 def unrolled(layers: Iterable[LayerSpec]) -> tuple[tuple[LayerSpec, LayerSpec, tuple[int, ...]], ...]:
@@ -142,20 +158,14 @@ def abbreviate(paths: Iterable[str], limit: int = 12) -> str:
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def _kept(spec: LayerSpec, config, cls: str) -> bool:
-    """layers_to_transform on a layer: kept or not; a stacked kernel is kept whole or refused (its
-    layers share one kernel, so adapting some of them would need a mask on every path, in files and
-    in counts; the unrolled model takes any subset)."""
+def _kept(spec: LayerSpec, config) -> LayerSpec | None:
+    """layers_to_transform on a layer: the spec, None when it is left out; a stacked kernel with only
+    some of its layers kept gets `keep` (the others masked, see LayerSpec)."""
     keep = config.layers_to_transform
-    indices = [layer_index(one.path, config.layers_pattern) for _, one in spec.layers()]
-    picked = [i in keep for i in indices]
-    if all(picked) or not any(picked):
-        return all(picked)
-    raise ValueError(
-        f"{cls}.layers_to_transform: {list(keep)} keeps only some of the {spec.n_layers} stacked layers {indices} of "
-        f"module {spec.name} (kernel {spec.kernel_shape}); a stacked kernel is adapted whole: allowed are all of "
-        f"{indices} or none of them (None adapts every layer); to adapt some layers, unroll the model (the zoo's "
-        "model.scan_layers=False) and load the same weights")
+    picked = tuple(layer_index(one.path, config.layers_pattern) in keep for _, one in spec.layers())
+    if not any(picked):
+        return None
+    return spec if all(picked) else spec._replace(keep=picked)
 
 
 def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = None) -> tuple[LayerSpec, ...]:
@@ -177,8 +187,10 @@ def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = 
         stack = stack_of(path)
         in_axes = input_axes(path, shape, stack, in_axes_rules, layer_names, cls)
         spec = LayerSpec(path, shape, in_axes, stack)
-        if layers_to_transform is not None and not _kept(spec, config, cls):
-            continue
+        if layers_to_transform is not None:
+            spec = _kept(spec, config)
+            if spec is None:
+                continue
         specs.append(spec)
     if not specs:
         where = "" if layers_to_transform is None else f" in layers {list(layers_to_transform)}"
