@@ -96,13 +96,19 @@ def examples(n: int, seed: int, nan_at: int | None = None) -> list[dict]:
     return [{"x": x[i], "label": y[i]} for i in range(n)]
 
 
-def make_task(*, n_train=64, n_eval=20, nan_at=None, on_load=None, iter_data=False, r=4, stack=None):
+def make_task(*, n_train=64, n_eval=20, nan_at=None, on_load=None, iter_data=False, r=4, stack=None,
+              quantize=None):
     """The tiny VeRA task; `stack`: "scanned" | "unrolled" trains `Stack` (its layers stacked by
-    nn.scan, or its unrolled twin with the same weights) instead of `Tiny`."""
+    nn.scan, or its unrolled twin with the same weights) instead of `Tiny`; `quantize`: "int8" |
+    "nf4" (block 16) keeps the base's kernels quantized (the classifier stays float)."""
     import vera_jax
+    from vera_jax import quant
     from vera_jax.train import Task
 
     model, boxed, param_axes = _model(stack)
+    if quantize:
+        boxed = quant.quantize_params(boxed, quantize, block_size=16)
+        param_axes = quant.quantized_axes(nn.unbox(boxed), param_axes)
     adapted = vera_jax.apply_vera(boxed, vera_jax.VeraConfig(r=r, targets=("query", "value"), d_initial=0.1,
                                                              seed=0, trainable_extra=("classifier",)))
 
