@@ -23,6 +23,13 @@ import numpy as np
 import optax
 
 FEATURES, HIDDEN, CLASSES = 16, 32, 3
+LAYERS = 3  # of the stacked model (3: a layer axis cannot pass for another axis, nor divide a mesh axis of 2)
+
+
+def dense(features, name, axes):
+    return nn.Dense(features, name=name,
+                    kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
+                    bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
 
 
 class Tiny(nn.Module):
@@ -30,14 +37,54 @@ class Tiny(nn.Module):
 
     @nn.compact
     def __call__(self, x):
-        def dense(features, name, axes):
-            return nn.Dense(features, name=name,
-                            kernel_init=nn.with_logical_partitioning(nn.initializers.lecun_normal(), axes),
-                            bias_init=nn.with_logical_partitioning(nn.initializers.zeros, axes[1:]))
-
         h = jnp.tanh(dense(HIDDEN, "query", ("embed", "mlp"))(x))
         h = jnp.tanh(dense(HIDDEN, "value", ("mlp", "embed"))(h))
         return dense(CLASSES, "classifier", ("embed", None))(h)
+
+
+class Block(nn.Module):
+    """One layer of the stacked model, (carry, x) -> (carry, None) as nn.scan wants it."""
+
+    @nn.compact
+    def __call__(self, h, _=None):
+        h = h + jnp.tanh(dense(HIDDEN, "query", ("embed", "mlp"))(h))
+        return h + jnp.tanh(dense(HIDDEN, "value", ("mlp", "embed"))(h)), None
+
+
+class Stack(nn.Module):
+    """x -> embed_in -> LAYERS blocks -> classifier; `scan`: the blocks under one nn.scan (params
+    stacked on a leading axis named "layers"), else unrolled as `layers_0` ... (the twin)."""
+
+    scan: bool = True
+
+    @nn.compact
+    def __call__(self, x):
+        h = dense(HIDDEN, "embed_in", (None, "embed"))(x)
+        if self.scan:
+            blocks = nn.scan(Block, variable_axes={"params": 0}, split_rngs={"params": True}, length=LAYERS,
+                             metadata_params={nn.PARTITION_NAME: "layers"})
+            h, _ = blocks(name="layers")(h, None)
+        else:
+            for i in range(LAYERS):
+                h, _ = Block(name=f"layers_{i}")(h)
+        return dense(CLASSES, "classifier", ("embed", None))(h)
+
+
+def _model(stack):
+    """(module, params to attach to, logical axes): the Tiny model, or `Stack` "scanned" (params
+    boxed: the adapter reads the layer axis from them) or "unrolled" (the scanned init, sliced)."""
+    x = jnp.zeros((1, FEATURES))
+    if stack is None:
+        boxed = jax.jit(Tiny().init)(jax.random.PRNGKey(0), x)["params"]
+        return Tiny(), boxed, nn.get_partition_spec(boxed)
+    boxed = jax.jit(Stack().init)(jax.random.PRNGKey(0), x)["params"]
+    if stack == "scanned":
+        return Stack(), boxed, nn.get_partition_spec(boxed)
+    plain = nn.unbox(boxed)
+    params = {**{k: v for k, v in plain.items() if k != "layers"},
+              **{f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], plain["layers"]) for i in range(LAYERS)}}
+    axes = nn.get_partition_spec(jax.eval_shape(Stack(scan=False).init, jax.random.PRNGKey(0), x)["params"])
+    return Stack(scan=False), params, axes
 
 
 def examples(n: int, seed: int, nan_at: int | None = None) -> list[dict]:
@@ -49,12 +96,19 @@ def examples(n: int, seed: int, nan_at: int | None = None) -> list[dict]:
     return [{"x": x[i], "label": y[i]} for i in range(n)]
 
 
-def make_task(*, n_train=64, n_eval=20, nan_at=None, on_load=None, iter_data=False, r=4):
+def make_task(*, n_train=64, n_eval=20, nan_at=None, on_load=None, iter_data=False, r=4, stack=None,
+              quantize=None):
+    """The tiny VeRA task; `stack`: "scanned" | "unrolled" trains `Stack` (its layers stacked by
+    nn.scan, or its unrolled twin with the same weights) instead of `Tiny`; `quantize`: "int8" |
+    "nf4" (block 16) keeps the base's kernels quantized (the classifier stays float)."""
     import vera_jax
+    from vera_jax import quant
     from vera_jax.train import Task
 
-    model = Tiny()
-    boxed = jax.jit(model.init)(jax.random.PRNGKey(0), jnp.zeros((1, FEATURES)))["params"]
+    model, boxed, param_axes = _model(stack)
+    if quantize:
+        boxed = quant.quantize_params(boxed, quantize, block_size=16)
+        param_axes = quant.quantized_axes(nn.unbox(boxed), param_axes)
     adapted = vera_jax.apply_vera(boxed, vera_jax.VeraConfig(r=r, targets=("query", "value"), d_initial=0.1,
                                                              seed=0, trainable_extra=("classifier",)))
 
@@ -77,7 +131,7 @@ def make_task(*, n_train=64, n_eval=20, nan_at=None, on_load=None, iter_data=Fal
             grain.ReadOptions(num_threads=1, prefetch_buffer_size=2))
     return Task(adapted=adapted, loss_fn=loss_fn, train_data=train,
                 eval_data=grain.MapDataset.source(examples(n_eval, 2)), eval_fn=eval_fn,
-                metrics_fn=metrics_fn, param_axes=nn.get_partition_spec(boxed), name="tiny")
+                metrics_fn=metrics_fn, param_axes=param_axes, name="tiny")
 
 
 def tiny_config(steps: int = 6):
@@ -140,8 +194,15 @@ def override(config, fields: dict):
     return config
 
 
+def specs(tree) -> dict[str, list]:
+    """keystr -> the PartitionSpec of each array's NamedSharding, as JSON (None, names, lists)."""
+    return {jax.tree_util.keystr(k): [p if p is None or isinstance(p, str) else list(p) for p in v.sharding.spec]
+            for k, v in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
 def run(workdir: str, steps: int, fields: dict, on_load=None, **task_kwargs) -> dict:
-    """Trains the tiny task; returns the summary and the final trainable leaves (also final.npz)."""
+    """Trains the tiny task; returns the summary and the final trainable leaves (also final.npz),
+    and writes the final frozen base's and adapter's shardings to shardings.json."""
     import vera_jax
     from vera_jax.train import initialize_distributed, train_and_evaluate
 
@@ -151,6 +212,8 @@ def run(workdir: str, steps: int, fields: dict, on_load=None, **task_kwargs) -> 
     trainable = flat(vera_jax.partition(result.adapted)[0])
     if jax.process_index() == 0:
         np.savez(os.path.join(workdir, "final.npz"), **trainable)
+        with open(os.path.join(workdir, "shardings.json"), "w") as f:
+            json.dump({"base": specs(result.adapted.base), "adapter": specs(result.adapted.adapter)}, f)
     return {"summary": result.summary, "trainable": trainable}
 
 
@@ -168,13 +231,13 @@ def raise_after(loads: int):
 
 
 def main(args: dict) -> None:
-    """args: workdir, steps, config (dotted field -> value), optional signal + signal_after
-    (+ pause_after_signal seconds), or
+    """args: workdir, steps, config (dotted field -> value), optional task (make_task's keywords),
+    signal + signal_after (+ pause_after_signal seconds), or
     runs: [{"workdir", "config"}, ...] to train several configs in this process."""
     for one in args.get("runs", [args]):
         on_load = (signal_after(one["signal_after"], getattr(signal, one["signal"]), one.get("pause_after_signal", 0.0))
                    if "signal" in one else None)
-        run(one["workdir"], one.get("steps", 6), one.get("config", {}), on_load)
+        run(one["workdir"], one.get("steps", 6), one.get("config", {}), on_load, **one.get("task", {}))
 
 
 if __name__ == "__main__":

@@ -474,3 +474,26 @@ def test_scanned_nnx_dropout_and_quantized_base_equal_the_unrolled_twin():
     assert isinstance(get_path(stacked.base, ("layers", "q", "kernel")), quant.QuantizedKernel)
     np.testing.assert_allclose(_outputs(stacked, run, "auto", x, dropout_rng=rng),
                                _outputs(twin, twin_run, "factored", x, dropout_rng=rng), atol=1e-5)
+
+
+def test_scanned_nnx_layers_with_some_of_them_adapted_equal_the_twin():
+    """layers_to_transform=[1] of the 2 layers nnx.vmap stacks: layer 0's vectors (nonzero here) are
+    masked on every path (the mask rides in the Carried kernel through nnx.scan), so the outputs are
+    the unrolled twin's that adapts layer 1 only."""
+    scanned, unrolled = Scanned(nnx.Rngs(0)), Unrolled(nnx.Rngs(1))
+    params = nnx.state(scanned, nnx.Param).to_pure_dict()
+    nnx.update(unrolled, {"classifier": params["classifier"],
+                          **{f"layers_{i}": jax.tree.map(lambda a, i=i: a[i], params["layers"]) for i in range(2)}})
+    config = STACKED.replace(layers_to_transform=[1])
+    stacked = vera_jax.apply_vera(scanned, config)
+    assert [s.keep for s in stacked.layers] == [(False, True)] * 2
+    stacked = stacked.replace(adapter=jax.tree.map(lambda x: x + 0.3, stacked.adapter))
+    twin = vera_jax.apply_vera(unrolled, config.replace(stacked_axes=()))
+    assert [s.name for s in twin.layers] == ["layers_1/q", "layers_1/v"]
+    twin = twin.replace(adapter={"layers_1": jax.tree.map(lambda a: a[1], stacked.adapter["layers"])})
+    x = inputs()
+    expected = _outputs(twin, _nnx_run(unrolled), "merged", x)
+    assert not np.allclose(expected, _outputs(twin.replace(adapter=jax.tree.map(jnp.zeros_like, twin.adapter)),
+                                              _nnx_run(unrolled), "merged", x), atol=1e-4)
+    for path in ("merged", "factored", "auto"):
+        np.testing.assert_allclose(_outputs(stacked, _nnx_run(scanned), path, x), expected, atol=1e-5, err_msg=path)

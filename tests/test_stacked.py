@@ -155,15 +155,80 @@ def test_stacking_config_fields_are_validated():
     assert vera_jax.VeraConfig.from_dict(config.to_dict()) == config
 
 
-def test_too_many_layer_axes_and_partial_layers_are_refused(models):
+def test_too_many_layer_axes_are_refused(models):
     scanned, _ = models
     with pytest.raises(ValueError, match=r"stacked_axes: module layers/query has a kernel of shape \(4, 32, 32\); "
                                          "its 2 layer axes"):
         vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, stacked_axes={"layers": 2}))
-    with pytest.raises(ValueError, match="layers_to_transform: .* some of the 4 stacked layers of module layers/query"):
-        vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 2], **STACKED))
     whole = vera_jax.apply_vera(scanned, vera_jax.VeraConfig(r=8, layers_to_transform=[0, 1, 2, 3], **STACKED))
-    assert len(whole.layers) == 2
+    assert len(whole.layers) == 2 and all(s.mask is None for s in whole.layers)
+
+
+@pytest.mark.parametrize("method", ["vera", "dvora"])
+def test_some_layers_of_a_stack_train_as_the_unrolled_twin_with_the_same_layers(models, method, tmp_path):
+    """layers_to_transform=[0, 2] of the 4 layers a scan stacks: every layer holds vectors (the scan
+    slices them), those of layers 1 and 3 zero, their delta exactly zero and their gradient exactly
+    zero on every path even when nonzero; the count, outputs, gradients, a few AdamW steps and the
+    adapter file are the unrolled twin's (which adapts layers 0 and 2 only)."""
+    import optax
+    from safetensors.numpy import load_file
+
+    scanned, twin = models
+    config = _configs()[method].replace(layers_to_transform=[0, 2])
+    adapted = vera_jax.attach(scanned, config)
+    reference = vera_jax.attach(twin, config)
+    assert [s.keep for s in adapted.layers] == [(True, False, True, False)] * 2
+    assert vera_jax.count_trainable(adapted) == vera_jax.count_trainable(reference)
+    assert core.unstack(adapted).layers == reference.layers
+    _close(core.unstack(adapted).adapter, reference.adapter, 0)
+    for leaf in jax.tree.leaves(adapted.adapter["layers"]):
+        assert not np.any(np.asarray(leaf)[[1, 3]])
+    w = scanned["layers"]["query"]["kernel"]
+    merged = vera_jax.merge(_perturb(adapted))["layers"]["query"]["kernel"]
+    np.testing.assert_array_equal(merged[np.array([1, 3])], w[np.array([1, 3])])
+
+    x = _x()
+    perturbed = _perturb(adapted)  # layers 1 and 3 nonzero too: still no delta, no gradient
+    for path in ("merged", "factored", "auto"):
+        value, grads = _output_and_grads(Scanned(), perturbed, path, x)
+        want_value, want_grads = _output_and_grads(Unrolled(), core.unstack(perturbed), path, x)
+        np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5, err_msg=path)
+        for leaf in jax.tree.leaves(grads.adapter["layers"]):
+            assert not np.any(np.asarray(leaf)[[1, 3]]), path
+        tol = 1e-5 * max(float(jnp.max(jnp.abs(g))) for g in jax.tree.leaves(want_grads.adapter))  # DVoRA: ~20
+        jax.tree.map(lambda a, b, p=path, t=tol: np.testing.assert_allclose(a, b, rtol=1e-5, atol=t, err_msg=p),
+                     core.unstack_tree(grads.adapter, perturbed.layers), want_grads.adapter)
+
+    def train(model, adapted, path):
+        trainable, frozen = vera_jax.partition(adapted)
+        tx = optax.adamw(1e-2, weight_decay=0.1)
+        state = tx.init(trainable)
+
+        @jax.jit
+        def step(trainable, state):
+            updates, state = tx.update(jax.grad(_loss(model, path, x))(trainable, frozen), state, trainable)
+            return optax.apply_updates(trainable, updates), state
+
+        for _ in range(3):
+            trainable, state = step(trainable, state)
+        return vera_jax.combine(trainable, frozen)
+
+    if method != "vera":  # DVoRA's rescale masking is covered by the outputs and gradients above
+        return
+    for path in ("merged", "factored"):
+        trained = train(Scanned(), adapted, path)
+        for leaf in jax.tree.leaves(trained.adapter["layers"]):
+            assert not np.any(np.asarray(leaf)[[1, 3]]), path
+        _close(core.unstack(trained).adapter, train(Unrolled(), reference, path).adapter)
+    vera_jax.save_adapter(tmp_path / "scanned", trained)
+    vera_jax.save_adapter(tmp_path / "twin", core.unstack(trained))
+    files = [load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("scanned", "twin")]
+    assert sorted(files[0]) == sorted(files[1]) and not any("layers_1" in k or "layers_3" in k for k in files[0])
+    for k, v in files[1].items():
+        np.testing.assert_array_equal(files[0][k], v, err_msg=k)
+    back = vera_jax.load_adapter(tmp_path / "twin", scanned)
+    assert back.layers == trained.layers
+    _close(back.adapter, trained.adapter, 0)
 
 
 def _configs():
@@ -323,8 +388,40 @@ def test_quantized_stacked_base_is_quantized_per_layer_and_trains_as_the_twin(mo
         want_value, want_grads = _output_and_grads(Unrolled(), twin_adapted, path, x)
         np.testing.assert_allclose(value, want_value, rtol=1e-5, atol=1e-5)
         _close(core.unstack_tree(grads.adapter, adapted.layers), want_grads.adapter)
-    with pytest.raises(ValueError, match=r"stacked_axes gives module layers/query \(kernel \(4, 32, 32\)\) 2"):
+    with pytest.raises(ValueError, match=r"quantize_params.stacked_axes: module layers/query has a kernel of shape "
+                                         r"\(4, 32, 32\); its 2 layer axes leave no \(in, out\) map"):
         quant.quantize_params(scanned, method, stacked_axes={"layers": 2})
+
+
+@pytest.mark.parametrize("method", ["nf4", "int8"])
+def test_quantize_params_reads_the_layer_axis_from_partitioning_metadata(method):
+    """Boxed params (a scanned model's init, "layers" axis names) quantize per layer with no
+    argument, as stacked_axes would; the result stays boxed, so apply_vera reads the same axis.
+    Without metadata or stacked_axes the kernel is refused by the adapters' rule, word for word."""
+    from vera_jax import quant
+
+    boxed = Scanned(boxed=True).init(jax.random.key(0), _x())["params"]
+    plain = nn.unbox(boxed)
+    q = quant.quantize_params(boxed, method, block_size=32)
+    assert isinstance(q["layers"]["query"]["kernel"], nn.Partitioned)
+    kernel = nn.unbox(q)["layers"]["query"]["kernel"]
+    assert kernel.shape == (L, D, D) and kernel.layer_shape == (D, D)
+    explicit = quant.quantize_params(plain, method, block_size=32, **STACKED)
+    _close(nn.unbox(q), explicit, 0)
+    adapted = _perturb(vera_jax.apply_vera(q, vera_jax.VeraConfig(r=8)))
+    assert [s.stack for s in adapted.layers] == [((0, 1),), ((0, 1),)]
+    reference = _perturb(vera_jax.apply_vera(explicit, vera_jax.VeraConfig(r=8, **STACKED)))
+    x = _x()
+    np.testing.assert_array_equal(vera_jax.apply_adapted(Scanned(), adapted, x, path="factored"),
+                                  vera_jax.apply_adapted(Scanned(), reference, x, path="factored"))
+    with pytest.raises(ValueError) as refused:
+        quant.quantize_params(plain, method, block_size=32)
+    with pytest.raises(ValueError) as adapters_refused:
+        vera_jax.apply_vera(plain, vera_jax.VeraConfig(r=8))
+    message = str(refused.value)
+    assert "\n" not in message and message.startswith("quantize_params.stacked_axes: module layers/query has a kernel "
+                                                       "of shape (4, 32, 32) whose axes no rule explains")
+    assert message.removeprefix("quantize_params") == str(adapters_refused.value).removeprefix("VeraConfig")
 
 
 def test_adapter_files_name_layers_per_layer_and_load_across_layouts(models, tmp_path):

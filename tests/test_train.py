@@ -135,6 +135,57 @@ def test_meshes_of_8_devices_match_one_device(reference, tmp_path):
         np.testing.assert_allclose(losses, ref_losses, rtol=MESH_RTOL)
 
 
+def test_scanned_model_on_meshes_matches_one_device_and_its_unrolled_twin(tmp_path):
+    """A model whose blocks nn.scan stacks (params (3, ...) on an axis named "layers"): VeRA's
+    per-layer vectors, (3, r) and (3, out), are replicated as every adapter leaf is; a stacked
+    kernel is split on its other axes as its unrolled twin's kernel is and kept whole on the layer
+    axis (the default rules map "layers" to no mesh axis), so each device runs every scan step on
+    its own slice. On 8 devices (2x2x2 merged, fsdp 2 x tensor 4 factored) the losses and trained
+    leaves are the one-device run's, and the one-device run trains the twin's adapter. An int8
+    stacked base (quantized per layer, its codes split as the kernel) trains on the mesh as on one
+    device."""
+    def losses(workdir):
+        return [m["train/loss"] for m in jsonl(workdir) if "train/loss" in m]
+
+    one = tiny.run(str(tmp_path / "scanned"), STEPS, {}, stack="scanned")
+    twin = tiny.run(str(tmp_path / "unrolled"), STEPS, {}, stack="unrolled")
+    np.testing.assert_allclose(losses(tmp_path / "scanned"), losses(tmp_path / "unrolled"), rtol=1e-5)
+    per_layer = {}
+    for k, v in one["trainable"].items():
+        if "['layers']" not in k:
+            per_layer[k] = v
+            continue
+        assert v.shape[0] == tiny.LAYERS, k
+        per_layer.update({k.replace("['layers']", f"['layers_{i}']"): v[i] for i in range(tiny.LAYERS)})
+    assert sorted(per_layer) == sorted(twin["trainable"])
+    for k, v in twin["trainable"].items():
+        np.testing.assert_allclose(per_layer[k], v, rtol=1e-5, atol=1e-6, err_msg=k)
+
+    runs = [{"workdir": str(tmp_path / "mixed"), "steps": STEPS, "task": {"stack": "scanned"},
+             "config": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2}},
+            {"workdir": str(tmp_path / "factored"), "steps": STEPS, "task": {"stack": "scanned"},
+             "config": {"mesh.data": 1, "mesh.fsdp": 2, "mesh.tensor": 4, "adapter_path": "factored"}},
+            {"workdir": str(tmp_path / "int8"), "steps": STEPS, "task": {"stack": "scanned", "quantize": "int8"},
+             "config": {"mesh.data": 2, "mesh.fsdp": 2, "mesh.tensor": 2, "adapter_path": "factored"}}]
+    code, err = finish(child({"runs": runs}, devices=8), timeout=240)
+    assert code == 0, err[-3000:]
+    int8 = tiny.run(str(tmp_path / "int8_one"), STEPS, {"adapter_path": "factored"}, stack="scanned", quantize="int8")
+    for run, want, ref in zip(runs, (one, one, int8), ("scanned", "scanned", "int8_one")):
+        got = load_npz(run["workdir"])
+        assert sorted(got) == sorted(want["trainable"])
+        for k, v in want["trainable"].items():
+            np.testing.assert_allclose(got[k], v, rtol=MESH_RTOL, atol=1e-6, err_msg=f"{run['workdir']} {k}")
+        np.testing.assert_allclose(losses(run["workdir"]), losses(tmp_path / ref), rtol=MESH_RTOL)
+        specs = json.loads(open(os.path.join(run["workdir"], "shardings.json")).read())
+        base, adapter = specs["base"], specs["adapter"]
+        codes = ".codes" if ref == "int8_one" else ""  # an Int8Kernel's codes are split as its kernel
+        assert base["['layers']['query']['kernel']" + codes] == [None, "fsdp", "tensor"]
+        assert base["['layers']['value']['kernel']" + codes] == [None, "tensor", "fsdp"]
+        assert base["['layers']['query']['bias']"] == [None, "tensor"]
+        assert adapter["['layers']['query']['lambda_d']"] == adapter["['layers']['value']['lambda_b']"] == []
+    assert specs["base"]["['layers']['query']['kernel'].scale"] == [None, "tensor"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("localhost", 0))

@@ -56,7 +56,17 @@ import numpy as np
 from flax import struct
 from jax.sharding import PartitionSpec as P
 
-from .tree import flatten, get_path, matches, path_str, prefix_rules, set_path
+from .tree import (
+    DEFAULT_LAYER_AXIS_NAMES,
+    axis_names,
+    flatten,
+    get_path,
+    input_axes,
+    layer_stacks,
+    matches,
+    path_str,
+    set_path,
+)
 
 METHODS = ("nf4", "int8")
 # QLoRA, Appendix E (bitsandbytes' NF4 table): quantiles of N(0, 1) normalised to [-1, 1], exact 0.
@@ -219,10 +229,11 @@ def _nf4_arrays(w, block_size: int):
     return packed, q.reshape(absmax.shape), scale, offset
 
 
-def quantize_nf4(kernel, block_size: int = 64, name: str = "kernel") -> NF4Kernel:
-    """NF4 with double-quantized block absmaxes (see the module docstring)."""
+def quantize_nf4(kernel, block_size: int = 64, name: str = "kernel", in_axes: int = 1) -> NF4Kernel:
+    """NF4 with double-quantized block absmaxes (see the module docstring); the kernel's first
+    `in_axes` axes are its input (blocks run along them, flattened)."""
     shape, dtype = tuple(kernel.shape), jnp.dtype(kernel.dtype).name
-    n_in = shape[0]
+    n_in = math.prod(shape[:in_axes])
     if block_size < 2 or block_size % 2 or n_in % block_size:
         raise ValueError(f"quantize: nf4 block_size {block_size} must be even and divide the input size {n_in} "
                          f"of {name} (kernel {shape}); allowed: an even divisor of {n_in}")
@@ -236,25 +247,28 @@ def _int8_arrays(w):
     return jnp.round(w / jnp.where(scale > 0, scale, 1.0)).clip(-127, 127).astype(jnp.int8), scale
 
 
-def quantize_int8(kernel, name: str = "kernel") -> Int8Kernel:
-    """Symmetric int8 per output column."""
+def quantize_int8(kernel, name: str = "kernel", in_axes: int = 1) -> Int8Kernel:
+    """Symmetric int8 per output column (the axes after the first `in_axes`, flattened)."""
     shape, dtype = tuple(kernel.shape), jnp.dtype(kernel.dtype).name
-    return Int8Kernel(*_int8_arrays(jnp.asarray(kernel, jnp.float32).reshape(shape[0], -1)), shape, dtype)
+    n_in = math.prod(shape[:in_axes])
+    return Int8Kernel(*_int8_arrays(jnp.asarray(kernel, jnp.float32).reshape(n_in, -1)), shape, dtype)
 
 
 def quantize_kernel(kernel, method: str, block_size: int = 64, name: str = "kernel",
-                    stacked: int = 0) -> QuantizedKernel:
+                    stacked: int = 0, in_axes: int = 1) -> QuantizedKernel:
     """`kernel` quantized by `method`; its first `stacked` axes are layers (nn.scan), each layer's
-    slice quantized on its own (its own blocks and scales), the arrays stacked on those axes."""
+    slice quantized on its own (its own blocks and scales), the arrays stacked on those axes; the
+    next `in_axes` axes are a layer's input."""
     if stacked:
         lead = tuple(kernel.shape[:stacked])
         slices = jnp.asarray(kernel).reshape((-1,) + tuple(kernel.shape[stacked:]))
-        parts = [quantize_kernel(slices[i], method, block_size, f"{name} (layer {i})") for i in range(len(slices))]
+        parts = [quantize_kernel(slices[i], method, block_size, f"{name} (layer {i})", in_axes=in_axes)
+                 for i in range(len(slices))]
         return jax.tree.map(lambda *xs: jnp.stack(xs).reshape(lead + xs[0].shape), *parts)
     if method == "nf4":
-        return quantize_nf4(kernel, block_size, name)
+        return quantize_nf4(kernel, block_size, name, in_axes)
     if method == "int8":
-        return quantize_int8(kernel, name)
+        return quantize_int8(kernel, name, in_axes)
     raise ValueError(f"quantize: method {method!r} is not one of {list(METHODS)}")
 
 
@@ -276,27 +290,42 @@ def linear_paths(params, targets: Iterable[str] | None = None, skip: Iterable[st
 
 
 def quantize_params(params, method: str, *, targets: Iterable[str] | None = None,
-                    skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 64, stacked_axes=()) -> dict:
-    """A copy of the plain params tree with the chosen kernels quantized (`linear_paths`); other
-    leaves are kept as they are. `method`: "nf4" | "int8". `stacked_axes`: pattern of a scanned
-    module -> its number of leading layer axes (as the adapter configs' field): kernels under it
-    are quantized one layer at a time."""
+                    skip: Iterable[str] = DEFAULT_SKIP, block_size: int = 64, stacked_axes=(),
+                    layer_axis_names: Iterable[str] = DEFAULT_LAYER_AXIS_NAMES, kernel_in_axes=()) -> dict:
+    """A copy of the params tree with the chosen kernels quantized (`linear_paths`); other leaves
+    are kept as they are. `method`: "nf4" | "int8".
+
+    Stacked (scanned) layers are found by the adapters' rule (`tree.layer_stacks`): a kernel's
+    leading axes named in `layer_axis_names` by flax partitioning metadata (boxed params, e.g. a
+    scanned model's `model.init` with `metadata_params={nn.PARTITION_NAME: "layers"}`), or
+    `stacked_axes` (pattern of a scanned module -> its number of leading layer axes), which wins;
+    such a kernel is quantized one layer at a time. `kernel_in_axes` (pattern -> number of input
+    axes, as the adapter configs' field) for a kernel with several input axes; a kernel with more
+    than two axes that no rule explains is refused, never guessed. Boxed params come back boxed
+    (each quantized kernel in its kernel's box), so `apply_vera` reads the same layer axes from
+    them; `nn.unbox` them for `model.apply`."""
     if method not in METHODS:
         raise ValueError(f"quantize: method {method!r} is not one of {list(METHODS)}")
-    out = jax.tree.map(lambda x: x, params, is_leaf=is_quantized)
-    paths = linear_paths(params, targets, skip)
+    names = axis_names(params) if isinstance(params, Mapping) else {}
+    plain = flax.core.unfreeze(nn.meta.unbox(params)) if names else params
+    out = jax.tree.map(lambda x: x, flax.core.unfreeze(params) if names else params, is_leaf=is_quantized)
+    paths = linear_paths(plain, targets, skip)
     if not paths:
         raise ValueError(f"quantize: targets {None if targets is None else list(targets)} (skip {list(skip)}) "
                          "matched no linear module")
-    rules = tuple((dict(stacked_axes) if not isinstance(stacked_axes, Mapping) else stacked_axes).items())
+    owner = "quantize_params"
+    rules = lambda value: tuple((value.items() if isinstance(value, Mapping) else value))  # noqa: E731
+    layer_names = (layer_axis_names,) if isinstance(layer_axis_names, str) else tuple(layer_axis_names)
+    stack_of = layer_stacks(names, rules(stacked_axes), layer_names, owner)
     for path in paths:
-        kernel = get_path(params, path + ("kernel",))
-        if not is_quantized(kernel):
-            stacked = sum(n for _, n in prefix_rules(path, rules))
-            if len(np.shape(kernel)) - stacked < 2:
-                raise ValueError(f"quantize: stacked_axes gives module {path_str(path)} (kernel {np.shape(kernel)}) "
-                                 f"{stacked} layer axes, leaving no (in, out) kernel")
-            set_path(out, path + ("kernel",), quantize_kernel(kernel, method, block_size, path_str(path), stacked))
+        kernel = get_path(plain, path + ("kernel",))
+        if is_quantized(kernel):
+            continue
+        stack = stack_of(path)
+        in_axes = input_axes(path, tuple(np.shape(kernel)), stack, rules(kernel_in_axes), layer_names, owner)
+        q = quantize_kernel(kernel, method, block_size, path_str(path), sum(n for _, n in stack), in_axes)
+        box = get_path(out, path + ("kernel",))
+        set_path(out, path + ("kernel",), box.replace_boxed(q) if isinstance(box, nn.meta.AxisMetadata) else q)
     return out
 
 
@@ -332,21 +361,26 @@ def param_bytes(params) -> dict:
 
 def quantized_axes(params, param_axes) -> Any:
     """The logical-axis tree (`nn.get_partition_spec` of the unquantized model) for the quantized
-    tree: a 2-D kernel's codes and block scales split like the kernel (their axes are the kernel's
-    with the input axis shortened); second-level scales and N-D kernels stay replicated."""
+    tree: a kernel's codes and block scales split like the kernel when one layer of it is 2-D (their
+    axes are the kernel's with the input axis shortened); a stacked kernel's leading layer axes keep
+    the kernel's names on every array (second-level scales too); N-D layers stay replicated."""
     out = flax.core.unfreeze(jax.tree.map(lambda x: x, param_axes, is_leaf=lambda x: isinstance(x, P)))
     for path in quantized_paths(params):
         kernel = get_path(params, path + ("kernel",))
         spec = get_path(param_axes, path + ("kernel",)) if param_axes is not None else None
-        spec = P(*spec) if spec is not None and kernel.ndim == 2 else P()
+        lead = kernel.ndim - len(kernel.layer_shape)
+        if spec is None or len(spec) != kernel.ndim or len(kernel.layer_shape) != 2:
+            spec = (None,) * kernel.ndim if lead else ()
+        layers, spec = tuple(spec[:lead]), tuple(spec[lead:])
         if isinstance(kernel, NF4Kernel):
-            axes = NF4Kernel(spec, spec, P(), P(), kernel.layer_shape, kernel.dtype_name, kernel.block_size)
+            axes = NF4Kernel(P(*layers, *spec), P(*layers, *spec), P(*layers), P(*layers), kernel.layer_shape,
+                             kernel.dtype_name, kernel.block_size)
         elif isinstance(kernel, GGUFQ4Kernel):
-            rows = P(*spec[1:], *spec[:1])  # (out, in) order
+            rows = P(*layers, *spec[1:], *spec[:1])  # (out, in) order
             axes = GGUFQ4Kernel(P(*rows, None), rows, None if kernel.minimum is None else rows, kernel.layer_shape,
                                 kernel.dtype_name, kernel.method)
         else:
-            axes = Int8Kernel(spec, P(*spec[1:]), kernel.layer_shape, kernel.dtype_name)
+            axes = Int8Kernel(P(*layers, *spec), P(*layers, *spec[1:]), kernel.layer_shape, kernel.dtype_name)
         set_path(out, path + ("kernel",), axes)
     return out
 

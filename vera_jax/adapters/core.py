@@ -129,7 +129,8 @@ def _layer_paths(layers) -> dict:
 
 def restack(tree: dict, layers) -> dict:
     """A tree keyed by per-layer paths (`layers_0/query/...`) back on the stacked paths
-    (`layers/query/...`, each leaf stacked on the layer axes); other entries kept."""
+    (`layers/query/...`, each leaf stacked on the layer axes); other entries kept. Layers a spec's
+    `keep` leaves out get zeros (masked on every path)."""
     where, groups, out = _layer_paths(layers), {}, {}
     for path, leaf in flatten(tree).items():
         hit = next(((where[path[:n]], path[n:]) for n in range(1, len(path)) if path[:n] in where), None)
@@ -139,7 +140,8 @@ def restack(tree: dict, layers) -> dict:
             (spec, index), rest = hit
             groups.setdefault((spec, rest), {})[index] = leaf
     for (spec, rest), parts in groups.items():
-        stacked = jnp.stack([jnp.asarray(parts[i]) for i in np.ndindex(*spec.layer_shape)])
+        zero = jnp.zeros_like(jnp.asarray(next(iter(parts.values()))))
+        stacked = jnp.stack([jnp.asarray(parts[i]) if i in parts else zero for i in np.ndindex(*spec.layer_shape)])
         set_path(out, spec.path + rest, stacked.reshape(spec.layer_shape + stacked.shape[1:]))
     return out
 
@@ -268,6 +270,15 @@ def per_layer(adapted: Adapted, spec: LayerSpec, fn, *args):
     return jax.tree.map(lambda y: y.reshape(spec.layer_shape + y.shape[1:]), out)
 
 
+def masked(spec: LayerSpec, new: jax.Array, old) -> jax.Array:
+    """`new` (*layer_shape, ...) where the stacked layer is adapted, `old` in the layers its `keep`
+    leaves out (exactly, so they get no gradient); `new` when every layer is adapted."""
+    mask = spec.mask
+    if mask is None:
+        return new
+    return jnp.where(mask.reshape(mask.shape + (1,) * (jnp.ndim(new) - mask.ndim)), new, old)
+
+
 def merged_kernel(adapted: Adapted, spec: LayerSpec, w0: jax.Array, dtype=None) -> jax.Array:
     """The layer's adapted (in, out) float32 kernel from its flattened base kernel `w0`: W0 +
     delta, times the method's per-output `rescale` when it has one (DVoRA). A stacked layer's
@@ -276,7 +287,8 @@ def merged_kernel(adapted: Adapted, spec: LayerSpec, w0: jax.Array, dtype=None) 
     if method.delta is None:
         raise ValueError(f"method {adapted.method!r} has no weight delta (no merged path); use path='factored'")
     if spec.stack:
-        return per_layer(adapted, spec, lambda a, s, w: merged_kernel(a, s, w, dtype), w0)
+        merged = per_layer(adapted, spec, lambda a, s, w: merged_kernel(a, s, w, dtype), w0)
+        return masked(spec, merged, w0.astype(jnp.float32))
     vec = get_path(adapted.adapter, spec.path)
     w = w0.astype(jnp.float32) + method.delta(adapted, spec, vec, _narrow(dtype))
     if method.rescale is not None:
@@ -300,7 +312,8 @@ def layer_delta(adapted: Adapted, spec: LayerSpec, dtype=None) -> jax.Array:
     if method.delta is None:
         raise ValueError(f"method {adapted.method!r} has no weight delta (no merged path); use path='factored'")
     if method.rescale is None:
-        return per_layer(adapted, spec, lambda a, s: method.delta(a, s, get_path(a.adapter, s.path), _narrow(dtype)))
+        delta = per_layer(adapted, spec, lambda a, s: method.delta(a, s, get_path(a.adapter, s.path), _narrow(dtype)))
+        return masked(spec, delta, 0.0)
     w0 = flat_kernel(spec, dense_kernel(get_path(adapted.base, spec.path)["kernel"]))
     return merged_kernel(adapted, spec, w0, dtype) - w0
 

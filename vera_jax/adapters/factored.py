@@ -47,7 +47,8 @@ from .hooks import LayerCall, layer_hooks
 from .methods import registry
 from .targets import LayerSpec
 
-INJECTED = ("__adapter__.", "__projection__.", "__layer_id__")  # params entries a stacked layer carries in
+# params entries a stacked layer carries in: adapter leaves, own projections, layer id, adapted-or-not
+INJECTED = ("__adapter__.", "__projection__.", "__layer_id__", "__keep__")
 
 
 def layer_id(path) -> int:
@@ -57,11 +58,13 @@ def layer_id(path) -> int:
 
 def _carried(adapted: Adapted, spec: LayerSpec) -> dict:
     """The `INJECTED` entries a stacked layer carries: its adapter leaves, own projections and
-    layer ids, each with the layer axes leading."""
+    layer ids, each with the layer axes leading, and which layers are adapted when not all are."""
     carried = {INJECTED[0] + k: v for k, v in get_path(adapted.adapter, spec.path).items()}
     carried.update({INJECTED[1] + k: v for k, v in (own_projections(adapted, spec) or {}).items()})
-    ids = [layer_id(one.path) for _, one in spec.layers()]
+    ids = [layer_id(spec.layer_path(index)) for index in np.ndindex(*spec.layer_shape)]
     carried[INJECTED[2]] = jnp.asarray(np.array(ids, np.uint32).reshape(spec.layer_shape))
+    if spec.mask is not None:
+        carried[INJECTED[3]] = jnp.asarray(spec.mask)
     return carried
 
 
@@ -74,16 +77,18 @@ def _inject(params, adapted: Adapted, specs) -> dict:
     return params
 
 
-def _current_layer(adapted: Adapted, spec: LayerSpec, own: dict) -> tuple[Adapted, LayerSpec, jax.Array]:
-    """(adapted holding this iteration's slice, the per-layer spec, the layer id) of a stacked
-    layer called inside its scan; `own` is the layer's params as called."""
+def _current_layer(adapted: Adapted, spec: LayerSpec, own: dict):
+    """(adapted holding this iteration's slice, the per-layer spec, the layer id, whether it is
+    adapted: None when every layer is, else a bool scalar) of a stacked layer called inside its
+    scan; `own` is the layer's params as called."""
     kernel_shape = tuple(np.shape(own["kernel"]))
     if kernel_shape != spec.per_layer.kernel_shape or INJECTED[2] not in own:
         raise ValueError(f"stacked layer {spec.name}: called with a kernel of shape {kernel_shape}, not one layer's "
                          f"{spec.per_layer.kernel_shape}; the factored and auto paths need it called inside the "
                          "nn.scan that stacks it (or use path='merged')")
     pick = lambda prefix: {k[len(prefix):]: v for k, v in own.items() if k.startswith(prefix)}  # noqa: E731
-    return sliced(adapted, spec, pick(INJECTED[0]), pick(INJECTED[1]) or None), spec.per_layer, own[INJECTED[2]]
+    return (sliced(adapted, spec, pick(INJECTED[0]), pick(INJECTED[1]) or None), spec.per_layer, own[INJECTED[2]],
+            own.get(INJECTED[3]))
 
 
 def layer_term(adapted: Adapted, spec: LayerSpec, x: jax.Array, dropout_rng: jax.Array | None = None) -> jax.Array:
@@ -171,23 +176,27 @@ def call_adapted(
     def hook(call: LayerCall):
         seen.add(call.spec.path)
         quantized_layer = call.spec.path in quantized
+        keep = None  # a stacked layer that `layers_to_transform` may leave out: its output is the base's
         if call.spec.stack:
-            layer, spec, lid = _current_layer(adapted, call.spec, call.params)
+            layer, spec, lid, keep = _current_layer(adapted, call.spec, call.params)
         else:
             layer, spec, lid = adapted, call.spec, layer_id(call.spec.path)
+        unless_kept = (lambda new, old: new) if keep is None else (lambda new, old: jnp.where(keep, new, old))
         if layer_path(adapted, call.spec, call.tokens, path, train, quantized, dropout) == "merged":
             w0 = call.params["kernel"]
             narrow = compute_dtype if compute_dtype is not None else w0.dtype
             flat = w0.reshape(spec.in_features, spec.out_features)
-            return call.run_with(kernel=merged_kernel(layer, spec, flat, narrow).reshape(w0.shape).astype(w0.dtype))
+            merged = unless_kept(merged_kernel(layer, spec, flat, narrow), flat.astype(jnp.float32))
+            return call.run_with(kernel=merged.reshape(w0.shape).astype(w0.dtype))
         rng = None if dropout_rng is None else jax.random.fold_in(dropout_rng, lid)
         x = call.x.astype(jnp.float32) if rescaled or quantized_layer else call.x  # the term in float32
         term = layer_term(layer, spec, x, rng)
         if rescaled:
             out = call.run()
             flat = out.reshape(out.shape[: out.ndim - len(spec.kernel_shape) + spec.in_axes] + (spec.out_features,))
-            return _rescaled(layer, spec, call.params, flat, term).reshape(out.shape).astype(out.dtype)
-        return call.add(term)
+            y = unless_kept(_rescaled(layer, spec, call.params, flat, term), flat.astype(jnp.float32))
+            return y.reshape(out.shape).astype(out.dtype)
+        return call.add(unless_kept(term, jnp.zeros((), term.dtype)))
 
     params = transform(adapted.base)
     if nnx_source:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import jax
 
+from ..tree import get_path
 from .core import Adapted
 from .methods import registry
 
@@ -70,6 +71,13 @@ def combine(trainable: Adapted, frozen: Adapted) -> Adapted:
 
 
 def count_trainable(adapted: Adapted) -> int:
-    """Number of trained scalars (adapter vectors plus `trainable_extra` leaves)."""
+    """Number of trained scalars (adapter vectors plus `trainable_extra` leaves); the masked layers
+    of a stacked kernel that `layers_to_transform` keeps only partly are not counted (they are
+    never trained), so the count is the unrolled twin's."""
     trainable, _ = partition(adapted)
-    return sum(int(x.size) for x in jax.tree.leaves(trainable))
+    total = sum(int(x.size) for x in jax.tree.leaves(trainable))
+    for spec in adapted.layers:
+        if spec.mask is not None:
+            size = sum(int(x.size) for x in jax.tree.leaves(get_path(trainable.adapter, spec.path)))
+            total -= size // spec.n_layers * int((~spec.mask).sum())
+    return total

@@ -20,32 +20,40 @@ names, e.g. `nn.scan(..., metadata_params={nn.PARTITION_NAME: "layers"})`: leadi
 number of layer axes), which wins. The scanned module is where a layer's per-layer name gets its
 index: layer i of `layers/attn/query` is `layers_i/attn/query`, the name its unrolled twin
 (linen's `layers_0`, `layers_1`, ...) has, used by adapter files and `unstack`. A kernel whose axes
-no rule explains (more than two without `kernel_in_axes`) is refused, never guessed.
+no rule explains (more than two without `kernel_in_axes`) is refused, never guessed. The rule
+itself lives in `vera_jax.tree` (`layer_stacks`, `input_axes`), where `quant.quantize_params` reads
+it too. `layers_to_transform` keeping some layers of a stack marks them in the spec's `keep`; the
+others are masked on every path (`core.masked`, the factored hook) and left out of files and counts.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Hashable, Iterable, Iterator, Mapping, NamedTuple
+from typing import Hashable, Iterable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 
-from ..tree import flatten, matches, path_str, prefix_rules
+from ..tree import DEFAULT_LAYER_AXIS_NAMES, axis_names, flatten, input_axes, layer_stacks, matches, path_str
 
-DEFAULT_LAYER_AXIS_NAMES = ("layers",)
+__all__ = ["DEFAULT_LAYER_AXIS_NAMES", "LayerSpec", "axis_names", "find_extra", "find_targets", "layer_index",
+           "linear_modules", "unrolled"]
 
 
 class LayerSpec(NamedTuple):
     """One adapted linear layer: where it is, its kernel's shape, and its stacked layer axes.
 
     stack: ((position in `path` of a scanned module, its number of layer axes), ...), outermost
-      first; () for an unstacked layer. The kernel's leading `stacked_axes` axes are layers."""
+      first; () for an unstacked layer. The kernel's leading `stacked_axes` axes are layers.
+    keep: which of a stacked kernel's layers are adapted (C order, `layers_to_transform` keeping
+      some of them); () for all. The others hold adapter leaves too (the scan slices them), which
+      are zero, masked to an exactly zero delta on every path and never saved or counted."""
 
     path: tuple[Hashable, ...]
     kernel_shape: tuple[int, ...]
     in_axes: int
     stack: tuple[tuple[int, int], ...] = ()
+    keep: tuple[bool, ...] = ()
 
     @property
     def name(self) -> str:
@@ -63,6 +71,13 @@ class LayerSpec(NamedTuple):
     @property
     def n_layers(self) -> int:
         return math.prod(self.layer_shape)
+
+    @property
+    def mask(self) -> np.ndarray | None:
+        """The adapted layers as a bool array of `layer_shape`, or None when all are (see `keep`)."""
+        if not self.keep or all(self.keep):
+            return None
+        return np.array(self.keep, bool).reshape(self.layer_shape)
 
     @property
     def in_features(self) -> int:
@@ -90,9 +105,11 @@ class LayerSpec(NamedTuple):
         return tuple(path)
 
     def layers(self) -> Iterator[tuple[tuple[int, ...], "LayerSpec"]]:
-        """(index, the unrolled twin's LayerSpec) of each layer, in C order; one ((), self) unstacked."""
-        for index in np.ndindex(*self.layer_shape):
-            yield index, LayerSpec(self.layer_path(index), self.kernel_shape[self.stacked_axes:], self.in_axes)
+        """(index, the unrolled twin's LayerSpec) of each adapted layer (all, or those `keep` marks),
+        in C order; one ((), self) unstacked."""
+        for k, index in enumerate(np.ndindex(*self.layer_shape)):
+            if not self.keep or self.keep[k]:
+                yield index, LayerSpec(self.layer_path(index), self.kernel_shape[self.stacked_axes:], self.in_axes)
 
 
 def unrolled(layers: Iterable[LayerSpec]) -> tuple[tuple[LayerSpec, LayerSpec, tuple[int, ...]], ...]:
@@ -136,66 +153,20 @@ def linear_modules(params: Mapping) -> dict[tuple[Hashable, ...], tuple[int, ...
             if path and path[-1] == "kernel" and len(np.shape(leaf)) >= 2}
 
 
-def axis_names(params: Any) -> dict[tuple[Hashable, ...], tuple]:
-    """Leaf path -> the axis names of every boxed leaf (flax `nn.Partitioned`, `LogicallyPartitioned`:
-    anything with `.names` and `.value`) of a linen params tree; {} for plain arrays."""
-    out = {}
-
-    def walk(node, path):
-        if isinstance(node, Mapping):
-            for key, child in node.items():
-                walk(child, path + (key,))
-        elif hasattr(node, "names") and hasattr(node, "value"):
-            out[path] = tuple(node.names)
-
-    walk(params, ())
-    return out
-
-
 def abbreviate(paths: Iterable[str], limit: int = 12) -> str:
     paths = list(paths)
     shown = ", ".join(paths[:limit])
     return shown + (f", ... ({len(paths) - limit} more)" if len(paths) > limit else "")
 
 
-def _metadata_stacks(names: Mapping[tuple, tuple], layer_names: tuple[str, ...], cls: str):
-    """Module path -> stack points from partitioning metadata: a kernel's leading axes named in
-    `layer_names` are layer axes, each belonging to the highest module all of whose boxed params
-    carry it (the module nn.scan built)."""
-    lead, below = {}, {}
-    for path, axes in names.items():
-        n = 0
-        while n < len(axes) and axes[n] in layer_names:
-            n += 1
-        if any(a in layer_names for a in axes[n:]):
-            raise ValueError(f"{cls}.layer_axis_names: param {path_str(path)} names its axes {axes}; a layer axis "
-                             f"({list(layer_names)}) must come before every other axis")
-        lead[path] = n
-        for t in range(1, len(path)):
-            below[path[:t]] = min(below.get(path[:t], n), n)
-    stacks = {}
-    for path, n in lead.items():
-        if path[-1] != "kernel" or not n:
-            continue
-        module = path[:-1]
-        points, have = [], 0
-        for t in range(1, len(module) + 1):
-            count = n if t == len(module) else min(below.get(module[:t], 0), n)
-            if count > have:
-                points.append((t - 1, count - have))
-                have = count
-        stacks[module] = tuple(points)
-    return stacks
-
-
-def _kept(spec: LayerSpec, config, cls: str) -> bool:
-    """layers_to_transform on a layer: kept or not; a stacked kernel is kept whole or refused."""
+def _kept(spec: LayerSpec, config) -> LayerSpec | None:
+    """layers_to_transform on a layer: the spec, None when it is left out; a stacked kernel with only
+    some of its layers kept gets `keep` (the others masked, see LayerSpec)."""
     keep = config.layers_to_transform
-    picked = [layer_index(one.path, config.layers_pattern) in keep for _, one in spec.layers()]
-    if all(picked) or not any(picked):
-        return all(picked)
-    raise ValueError(f"{cls}.layers_to_transform: {list(keep)} keeps only some of the {spec.n_layers} stacked layers "
-                     f"of module {spec.name} (kernel {spec.kernel_shape}); a stacked kernel is adapted whole")
+    picked = tuple(layer_index(one.path, config.layers_pattern) in keep for _, one in spec.layers())
+    if not any(picked):
+        return None
+    return spec if all(picked) else spec._replace(keep=picked)
 
 
 def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = None) -> tuple[LayerSpec, ...]:
@@ -207,34 +178,20 @@ def find_targets(params: Mapping, config, names: Mapping[tuple, tuple] | None = 
     cls = type(config).__name__
     modules = linear_modules(params)
     in_axes_rules = getattr(config, "kernel_in_axes", ())
-    stack_rules = getattr(config, "stacked_axes", ())
     layer_names = tuple(getattr(config, "layer_axis_names", DEFAULT_LAYER_AXIS_NAMES))
-    meta = _metadata_stacks(names or {}, layer_names, cls)
+    stack_of = layer_stacks(names, getattr(config, "stacked_axes", ()), layer_names, cls)
     layers_to_transform = getattr(config, "layers_to_transform", None)
     specs = []
     for path, shape in modules.items():
-        name = path_str(path)
-        if not any(matches(t, name) for t in config.targets):
+        if not any(matches(t, path_str(path)) for t in config.targets):
             continue
-        stack = prefix_rules(path, stack_rules) or meta.get(path, ())
-        stacked = sum(n for _, n in stack)
-        rest = len(shape) - stacked
-        in_axes = next((n for pattern, n in in_axes_rules if matches(pattern, name)), None)
-        if rest < 2:
-            raise ValueError(f"{cls}.stacked_axes: module {name} has a kernel of shape {shape}; its {stacked} layer "
-                             "axes leave no (in, out) map")
-        if in_axes is not None and in_axes >= rest:
-            raise ValueError(f"{cls}.kernel_in_axes: module {name} has a kernel of shape {shape}; {in_axes} input "
-                             f"axes leave no output axis" + (f" after its {stacked} layer axes" if stacked else ""))
-        if in_axes is None and rest > 2:
-            raise ValueError(
-                f"{cls}.stacked_axes: module {name} has a kernel of shape {shape} whose axes no rule explains; set "
-                f"stacked_axes={{'<scanned module>': n}} (or partitioning metadata naming the axis "
-                f"{layer_names[0]!r}) for n layer axes stacked by nn.scan / nnx.vmap, or "
-                f"kernel_in_axes={{'{name}': k}} for a kernel with k input axes and the rest outputs")
-        spec = LayerSpec(path, shape, 1 if in_axes is None else in_axes, stack)
-        if layers_to_transform is not None and not _kept(spec, config, cls):
-            continue
+        stack = stack_of(path)
+        in_axes = input_axes(path, shape, stack, in_axes_rules, layer_names, cls)
+        spec = LayerSpec(path, shape, in_axes, stack)
+        if layers_to_transform is not None:
+            spec = _kept(spec, config)
+            if spec is None:
+                continue
         specs.append(spec)
     if not specs:
         where = "" if layers_to_transform is None else f" in layers {list(layers_to_transform)}"

@@ -28,6 +28,7 @@ import ml_collections
 
 import vera_jax
 from vera_jax import train as train_lib
+from vera_jax.adapters.core import per_layer_view
 from vera_jax.adapters.methods import registry
 from vera_jax.data.common import DataUnavailableError
 from vera_jax.models import common, loader
@@ -214,7 +215,8 @@ def _build(family: Family, config):
                           param_axes=model.param_axes, name=f"{family.name}-{config.method}")
     info = {"family": family.name, "method": config.method, "checkpoint": config.model.checkpoint,
             "seed": config.seed, **parts.info,
-            "adapter_params": int(sum(x.size for x in jax.tree.leaves(adapted.adapter))),
+            # per layer (a stacked kernel's masked layers, left out by layers_to_transform, not counted)
+            "adapter_params": int(sum(x.size for x in jax.tree.leaves(per_layer_view(adapted).adapter))),
             "trainable_params": vera_jax.count_trainable(adapted)}
     return task, info, config, parts
 

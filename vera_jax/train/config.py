@@ -13,6 +13,9 @@ DEFAULT_RULES = (
     ("kv", None),
     ("vocab", "tensor"),
     ("joined_kv", "tensor"),
+    # a scanned model's layer axis stays whole: each device runs every scan step on its slices of the
+    # other axes (mapping it to a mesh axis would make every step gather its layer's params)
+    ("layers", None),
 )
 
 
