@@ -173,3 +173,28 @@ def test_offline_training_exits_within_seconds_saying_what_to_do(tmp_path):
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert "--config.model.checkpoint=" in proc.stderr and "--config.data.dir=" in proc.stderr
     assert time.time() - start < 60
+
+
+def test_a_tokenizer_that_adds_bos_gets_it_before_every_mr(gpt2_dir, e2e_dir, tmp_path):
+    """Gemma's tokenizer puts <bos> first and Gemma never saw text without it; GPT-2's adds nothing."""
+    import shutil
+
+    from tokenizers.processors import TemplateProcessing
+    from transformers import AutoTokenizer
+
+    plain = AutoTokenizer.from_pretrained(gpt2_dir)
+    assert causal_lm.leading_special_tokens(plain) == []
+    with_bos = tmp_path / "with_bos"
+    shutil.copytree(gpt2_dir, with_bos)
+    bos = plain.eos_token_id
+    plain._tokenizer.post_processor = TemplateProcessing(single="<|endoftext|> $A",
+                                                         special_tokens=[("<|endoftext|>", bos)])
+    plain.save_pretrained(with_bos)
+    assert causal_lm.leading_special_tokens(AutoTokenizer.from_pretrained(with_bos)) == [bos]
+    task, _, _ = runner.build(e2e.FAMILY, tiny_config(str(with_bos), e2e_dir))
+    first = [int(row["ids"][0]) for row in task.train_data]
+    assert first == [bos] * len(first)
+    ev = task.evals["test"]
+    batch = ev.collate([ev.data[0]], 16)
+    start = int(np.argmax(batch["mask"][0]))
+    assert batch["ids"][0, start] == bos and batch["ids"][0, start + 1] != bos

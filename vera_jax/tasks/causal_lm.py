@@ -85,3 +85,16 @@ def pad_targets(rows, length: int, pad_id: int) -> dict:
 def shifted_loss(logits, batch, smoothing: float = 0.0):
     """`lm_loss` of next-token logits (batch, T, vocab) against the batch's own ids and weights."""
     return lm_loss(logits[:, :-1], batch["ids"][:, 1:], batch["weights"][:, 1:], smoothing)
+
+
+def leading_special_tokens(tokenizer) -> list[int]:
+    """The token ids the tokenizer puts before any text by default (Gemma's and Llama's `<bos>`;
+    none for GPT-2 or SmolLM2), for formats that encode their parts with add_special_tokens=False
+    and would otherwise drop a BOS the model was trained with."""
+    text = "a"
+    plain = tokenizer(text, add_special_tokens=False)["input_ids"]
+    full = tokenizer(text)["input_ids"]
+    for k in range(len(full) - len(plain) + 1):
+        if full[k:k + len(plain)] == plain:
+            return list(full[:k])
+    return []

@@ -2,11 +2,12 @@
 in the zoo) learns to realise a meaning representation (MR) as a restaurant description.
 
 Formatting follows the LoRA reference setup (Hu et al. 2022, microsoft/LoRA examples/NLG): the MR
-as context, the EOS token as separator, " " + reference as the continuation ending in EOS; the
-loss covers only the continuation, with label smoothing. Evaluation decodes one output per
-distinct MR by beam search (beam 10, length penalty 0.8, no-repeat-ngram 4, at most 64 new
-tokens, output cut at EOS or a blank line) and scores it against all of that MR's references
-with the official scorer's five metrics (`vera_jax.metrics.nlg`).
+as context (after the tokenizer's BOS where it adds one by default, as Gemma's does), the EOS
+token as separator, " " + reference as the continuation ending in EOS; the loss covers only the
+continuation, with label smoothing. Evaluation decodes one output per distinct MR by beam search
+(beam 10, length penalty 0.8, no-repeat-ngram 4, at most 64 new tokens, output cut at EOS or a
+blank line) and scores it against all of that MR's references with the official scorer's five
+metrics (`vera_jax.metrics.nlg`).
 """
 
 from __future__ import annotations
@@ -51,14 +52,15 @@ def make_parts(config, model: runner.Model, data) -> runner.Parts:
     eos = tok.eos_token_id if tok.eos_token_id is not None else model.hf_config["eos_token_id"]
     pad = tok.pad_token_id if tok.pad_token_id is not None else eos
     encode = lambda text: tok(text, add_special_tokens=False)["input_ids"]  # noqa: E731
+    bos = causal_lm.leading_special_tokens(tok)  # Gemma's <bos>: the model has never seen text without it
     buckets = data_lib.bucket_lengths(d.max_length, tuple(d.buckets))
     train, truncated = [], 0
     for mr, ref in zip(data["train"].mrs, data["train"].refs):
-        context, target = encode(mr) + [eos], encode(" " + ref) + [eos]
+        context, target = bos + encode(mr) + [eos], encode(" " + ref) + [eos]
         ids = (context + target)[: d.max_length]
         truncated += len(context) + len(target) > d.max_length
         train.append({"ids": np.asarray(ids, np.int32), "prompt": np.int32(len(context))})
-    prompts = [np.asarray((encode(mr) + [eos])[-d.max_length:], np.int32) for mr in data["mrs"]]
+    prompts = [np.asarray(bos + (encode(mr) + [eos])[len(bos) - d.max_length:], np.int32) for mr in data["mrs"]]
     order = np.argsort([len(p) for p in prompts], kind="stable")
 
     def collate(rows, longest):  # the continuation after the separator is the target
