@@ -15,8 +15,10 @@ import transformers
 
 import vera_jax
 from vera_jax.models import generate, gpt2, llama
+from vera_jax.serving import chat
 
 EOS = 2
+END_OF_TURN = 4   # gemma_tokenizer's <end_of_turn>
 ALONE_TOKENS = 12
 FAMILIES = {
     "gpt2": (gpt2, transformers.GPT2Config(
@@ -57,21 +59,38 @@ def random_vera(params, targets, seed, r, key, **fields):
         treedef, [x + jax.random.normal(k, x.shape) for x, k in zip(leaves, keys)]))
 
 
-def word_tokenizer():
-    """A fast tokenizer over "<unk> <pad> </s> w3 ... w99" (one word per id), with a chat template."""
+def _word_level(vocab, **specials):
+    """A fast tokenizer that splits on whitespace and maps each word through `vocab`."""
     from tokenizers import Tokenizer, models, pre_tokenizers
 
-    vocab = {"<unk>": 0, "<pad>": 1, "</s>": EOS, **{f"w{i}": i for i in range(3, 100)}}
     raw = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
-    tok = transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", pad_token="<pad>",
-                                               eos_token="</s>")
+    return transformers.PreTrainedTokenizerFast(tokenizer_object=raw, unk_token="<unk>", **specials)
+
+
+def word_tokenizer():
+    """A fast tokenizer over "<unk> <pad> </s> w3 ... w99" (one word per id), with a chat template."""
+    tok = _word_level({"<unk>": 0, "<pad>": 1, "</s>": EOS, **{f"w{i}": i for i in range(3, 100)}},
+                      pad_token="<pad>", eos_token="</s>")
     tok.chat_template = CHAT_TEMPLATE
     return tok
 
 
-def save_checkpoint(directory, name, params, hf_config) -> None:
-    """An HF checkpoint directory (config.json, model.safetensors, tokenizer) that from_pretrained reads."""
+def gemma_tokenizer():
+    """Gemma's special tokens on a word-level vocabulary, "<unk> <pad> <eos> <start_of_turn> <end_of_turn>
+    <bos> user model w8 ... w99", with Gemma's chat template (`chat.GEMMA`): a turn ends with
+    <end_of_turn> (END_OF_TURN), which is not the eos (EOS), as in Gemma 3 (ids 106 and 1)."""
+    vocab = {"<unk>": 0, "<pad>": 1, "<eos>": EOS, "<start_of_turn>": 3, "<end_of_turn>": END_OF_TURN, "<bos>": 5,
+             "user": 6, "model": 7, **{f"w{i}": i for i in range(8, 100)}}
+    tok = _word_level(vocab, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                      extra_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tok.chat_template = chat.GEMMA
+    return tok
+
+
+def save_checkpoint(directory, name, params, hf_config, tokenizer=None) -> None:
+    """An HF checkpoint directory (config.json, model.safetensors, and `tokenizer`, by default
+    `word_tokenizer()`) that from_pretrained reads."""
     from safetensors.numpy import save_file
 
     family, _ = FAMILIES[name]
@@ -79,7 +98,7 @@ def save_checkpoint(directory, name, params, hf_config) -> None:
     tensors = {k: np.ascontiguousarray(np.asarray(v)) for k, v in family.params_to_hf(params, hf_config).items()}
     save_file(tensors, str(directory / "model.safetensors"))
     (directory / "config.json").write_text(json.dumps(hf_config))
-    word_tokenizer().save_pretrained(str(directory))
+    (tokenizer or word_tokenizer()).save_pretrained(str(directory))
 
 
 def alone(model, params, prompt, max_tokens, eos=EOS):

@@ -13,7 +13,7 @@ import pytest
 import torch
 import transformers
 
-from vera_jax.models import common, from_pretrained, generate
+from vera_jax.models import common, from_pretrained, generate, hub
 from vera_jax.models import gguf as gguf_io
 
 Q = gguf.GGMLQuantizationType
@@ -35,8 +35,9 @@ def k_quant_blocks(rng, shape, qtype):
     return rows.reshape(shape[0], -1)
 
 
-def write_gguf(path, qtype, *, tied=False, arch="llama", seed=0, extra=None):
-    """A 2-layer LLaMA GGUF whose matrices are stored as `qtype` (norms stay F32, as llama.cpp does)."""
+def write_gguf(path, qtype, *, tied=False, arch="llama", seed=0, extra=None, eot=None):
+    """A 2-layer LLaMA GGUF whose matrices are stored as `qtype` (norms stay F32, as llama.cpp does);
+    `eot`: a `tokenizer.ggml.eot_token_id` too."""
     rng = np.random.RandomState(seed)
     writer = gguf.GGUFWriter(str(path), arch)
     writer.add_block_count(LAYERS)
@@ -56,6 +57,8 @@ def write_gguf(path, qtype, *, tied=False, arch="llama", seed=0, extra=None):
     writer.add_token_merges(MERGES)
     writer.add_bos_token_id(1)
     writer.add_eos_token_id(2)
+    if eot is not None:
+        writer.add_eot_token_id(eot)
     writer.add_add_bos_token(False)
 
     def matrix(name, rows, cols):
@@ -124,6 +127,15 @@ def test_config_and_tokenizer_come_from_the_metadata(tmp_path):
     vocab = {t: i for i, t in enumerate(TOKENS)}
     assert tokenizer("ab ab ba")["input_ids"] == [vocab["ab"], vocab["Ġab"], vocab["Ġba"]]
     assert tokenizer.eos_token_id == 2
+
+
+def test_end_of_turn_id_joins_eos_token_id(tmp_path):
+    """llama.cpp ends generation on eot_token_id too (Llama 3's <|eot_id|>): the config lists both, as HF's do."""
+    path = write_gguf(tmp_path / "tiny.gguf", Q.Q8_0, tied=True, eot=30)
+    assert gguf_io.read_config(path)["eos_token_id"] == [2, 30]
+    assert hub.eos_token_ids(gguf_io.read_config(path), path) == (2, 30)
+    same = write_gguf(tmp_path / "same.gguf", Q.Q8_0, tied=True, eot=2)
+    assert gguf_io.read_config(same)["eos_token_id"] == 2
 
 
 def test_raw_tensors_keep_the_stored_blocks(tmp_path):

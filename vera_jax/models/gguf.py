@@ -76,7 +76,9 @@ CONFIG_FIELDS = {
     "attn_logit_softcapping": "attn_logit_softcapping", "final_logit_softcapping": "final_logit_softcapping",
 }
 HEAD_DIM_FIELD = {"llama": "rope.dimension_count"}  # others: attention.key_length
-TOKEN_IDS = {"bos_token_id": "bos_token_id", "eos_token_id": "eos_token_id", "padding_token_id": "pad_token_id"}
+TOKEN_IDS = {"bos_token_id": "bos_token_id", "padding_token_id": "pad_token_id"}
+# llama.cpp's end-of-generation ids: end of text, of a turn (Llama 3's <|eot_id|>), of a message (tool calls)
+END_IDS = ("eos_token_id", "eot_token_id", "eom_token_id")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -122,7 +124,9 @@ def read_config(path_or_reader: str | gguf.GGUFReader) -> dict:
     falls back to the token list's length. Gemma 2's soft-capping defaults to Gemma2Config's
     (50, 30) when the file has none; Gemma 2/3's query scale follows llama.cpp (head_dim, or
     hidden / heads for the 27B models), as their HF configs have it (transformers' GGUF loader keeps
-    its config default, 256, which equals head_dim for every smaller Gemma 2/3).
+    its config default, 256, which equals head_dim for every smaller Gemma 2/3). `eos_token_id`
+    is `tokenizer.ggml.eos_token_id`, or the list of it, `eot_token_id` and `eom_token_id` when the
+    file sets more than one (llama.cpp ends generation on each; HF configs list them so, e.g. Llama 3's).
     """
     reader = open_gguf(path_or_reader) if isinstance(path_or_reader, str) else path_or_reader
     arch = architecture(reader)
@@ -167,6 +171,9 @@ def read_config(path_or_reader: str | gguf.GGUFReader) -> dict:
         value = _field(reader, f"tokenizer.ggml.{key}")
         if value is not None:
             config[hf_key] = value
+    ends = list(dict.fromkeys(int(v) for key in END_IDS if (v := _field(reader, f"tokenizer.ggml.{key}")) is not None))
+    if ends:
+        config["eos_token_id"] = ends[0] if len(ends) == 1 else ends
     return config
 
 

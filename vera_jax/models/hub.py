@@ -197,6 +197,20 @@ def stored_tensors(path: str) -> dict[str, StoredTensor]:
     return tensors
 
 
+def eos_token_ids(hf_config: dict, path: str | None = None) -> tuple[int, ...]:
+    """The ids that end generation for a checkpoint: `eos_token_id` (an int or a list) of its
+    config, then of the `generation_config.json` in `path` when it is a directory holding one
+    (transformers' `generate` stops on the latter: Gemma 3's lists <eos> and <end_of_turn>, [1, 106]);
+    each once, in that order. A `.gguf` file's config already lists its eos/eot/eom ids."""
+    values = [hf_config.get("eos_token_id")]
+    generation = os.path.join(path, "generation_config.json") if path and os.path.isdir(path) else None
+    if generation is not None and os.path.isfile(generation):
+        with open(generation) as f:
+            values.append(json.load(f).get("eos_token_id"))
+    ids = [v for value in values if value is not None for v in ([value] if isinstance(value, int) else value)]
+    return tuple(dict.fromkeys(int(i) for i in ids))
+
+
 def load_tokenizer(path: str):
     """`transformers.AutoTokenizer` for the directory, or None when it has no tokenizer files."""
     if not any(os.path.exists(os.path.join(path, f)) for f in TOKENIZER_FILES):

@@ -4,7 +4,10 @@ Loads the base (an HF checkpoint directory, a Hub id or a `.gguf` file) once thr
 loader (`vera_jax.models.loader`: `--quantize` keeps its linear kernels 4-bit or int8 in device
 memory, `--dtype` sets its precision, `--scan-layers` runs its blocks under one nn.scan with a
 stacked KV cache), every `--adapter` into the bank (a refused adapter stops the
-start with its reason), and serves the OpenAI-compatible API (`server.py`).
+start with its reason), and serves the OpenAI-compatible API (`server.py`). Chat requests use the
+tokenizer's chat template, or `--chat-template` (a Jinja file or a shipped name, e.g. `gemma`, for a
+checkpoint that carries none); rows stop on the ids `chat.stop_ids` gives (the config's and
+generation config's eos ids, the tokenizer's eos, the template's end-of-turn token), printed at start.
 """
 
 from __future__ import annotations
@@ -13,8 +16,8 @@ import argparse
 import os
 import sys
 
-from vera_jax.models import loader
-from vera_jax.serving import routes
+from vera_jax.models import hub, loader
+from vera_jax.serving import chat, routes
 from vera_jax.serving.bank import AdapterBank
 from vera_jax.serving.engine import Engine
 from vera_jax.serving.server import create_app, serve
@@ -40,6 +43,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="seconds to wait for the Hugging Face Hub before failing with advice")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                    help="an adapter directory (ours or PEFT VeRA) served as model NAME; repeatable")
+    p.add_argument("--chat-template", default=None, metavar="NAME_OR_FILE",
+                   help="the chat template of /v1/chat/completions instead of the tokenizer's own: a Jinja file, or a "
+                        f"shipped one ({', '.join(sorted(chat.TEMPLATES))}); for checkpoints that carry none")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--slots", type=int, default=8, help="rows decoded together (continuous batching)")
@@ -75,6 +81,11 @@ def check(p: argparse.ArgumentParser, args: argparse.Namespace) -> None:
         p.error("--api-key: empty; give a key or leave the flag (and VERA_API_KEY) out")
     if args.adapter_root is not None and not os.path.isdir(args.adapter_root):
         p.error(f"--adapter-root: {args.adapter_root!r} is not a directory")
+    if args.chat_template is not None:
+        try:
+            chat.load_template(args.chat_template)
+        except ValueError as e:
+            p.error(str(e))
     local = args.checkpoint.startswith((".", "/", "~")) or args.checkpoint.endswith(".gguf")
     if local and not os.path.exists(os.path.expanduser(args.checkpoint)):
         p.error(f"--checkpoint: {args.checkpoint!r} does not exist")
@@ -89,6 +100,13 @@ def build(args: argparse.Namespace):
     except (loader.ConfigError, loader.CheckpointUnavailableError, FileNotFoundError) as e:
         raise SystemExit(f"--checkpoint: {e}") from None
     hf_config = model.hf_config
+    tokenizer = model.tokenizer
+    if args.chat_template is not None:
+        if tokenizer is None:
+            raise SystemExit(f"--chat-template: {args.checkpoint!r} has no tokenizer to render it with")
+        tokenizer.chat_template = chat.load_template(args.chat_template)
+    stop = chat.stop_ids(tokenizer, hub.eos_token_ids(hf_config, model.path))
+    print(f"stop token ids: {list(stop)}", file=sys.stderr)
     bank = AdapterBank(model.params, hf_config)
     paths = {}
     for spec in args.adapter:
@@ -105,7 +123,8 @@ def build(args: argparse.Namespace):
               f"{info.bytes} bytes", file=sys.stderr)
     positions = hf_config.get("max_position_embeddings") or hf_config.get("n_positions") or 2048
     max_length = args.max_length or min(int(positions), 2048)
-    engine = Engine(model.module, bank, slots=args.slots, max_length=max_length, tokenizer=model.tokenizer)
+    engine = Engine(model.module, bank, slots=args.slots, max_length=max_length, tokenizer=tokenizer,
+                    eos_ids=stop)
     app = create_app(engine, bank, default_max_tokens=args.max_tokens, api_key=args.api_key,
                      adapter_root=args.adapter_root, max_body_bytes=args.max_body_bytes,
                      max_prompt_chars=args.max_prompt_chars, max_prompts=args.max_prompts)

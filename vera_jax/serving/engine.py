@@ -7,9 +7,9 @@ requests join free slots together: every step admits as many as there are free s
 prefills them in one call per prompt bucket (prompts right-padded to the bucket, rows padded to
 a power of two), each row written into its slot's first positions; then ONE decode call runs over
 all slots, each row with its own adapter (`BankDecoder` rows), sampling settings, seed and step.
-Rows leave on EOS, a stop string, `max_tokens` or the end of the context; their slot is reused at
-the next step. Prefill rows are independent, so a request's tokens do not depend on which others
-share its prefill.
+Rows leave on a stop id (EOS, a chat end-of-turn: `eos_ids`), a stop string, `max_tokens` or the end of
+the context; their slot is reused at the next step. Prefill rows are independent, so a request's
+tokens do not depend on which others share its prefill.
 
 Compiled shapes (never one per request): one decode step for (slots, 1) tokens, and one prefill
 per (prompt bucket, row count): buckets are `prefill_buckets` (default powers of two from 16 up to
@@ -54,6 +54,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from vera_jax.models import sampling
+from vera_jax.serving import chat
 from vera_jax.serving.bank import BASE, AdapterBank, AdapterUnloaded, rows_for
 from vera_jax.serving.batched import BankDecoder
 
@@ -93,7 +94,7 @@ class TokenLogprob:
 class Completion:
     token_ids: list[int]
     text: str | None
-    finish_reason: str                # "stop" (EOS or a stop string) or "length"
+    finish_reason: str                # "stop" (a stop id or a stop string) or "length"
     prompt_tokens: int
     logprobs: list[TokenLogprob] | None = None          # one per token_ids entry, when asked
     prompt_logprobs: list[TokenLogprob | None] | None = None  # one per prompt token (the first: None), when asked
@@ -141,7 +142,8 @@ class Engine:
 
     model: the linen causal LM; bank: its `AdapterBank`; tokenizer: decodes text for stop strings
     and `Completion.text` (None: token ids only, no stop strings); eos_ids: tokens that end a row
-    (default: the tokenizer's eos_token_id); prefill_batch: the most prompts prefilled in one call
+    (default: `chat.stop_ids(tokenizer)`, the tokenizer's eos and its chat template's end-of-turn token;
+    the server adds the model config's, see chat.py); prefill_batch: the most prompts prefilled in one call
     (default: slots; 1 prefills one at a time); prefill_tokens: the most padded prompt tokens in one
     prefill call (it bounds the (rows, bucket, vocab) logits), at least one prompt whatever its bucket.
     """
@@ -156,9 +158,7 @@ class Engine:
             raise ValueError(f"prefill_batch: {prefill_batch}, prefill_tokens: {prefill_tokens}; expected both >= 1")
         self.model, self.bank, self.tokenizer = model, bank, tokenizer
         self.slots, self.max_length = slots, max_length
-        if eos_ids is None and tokenizer is not None and tokenizer.eos_token_id is not None:
-            eos_ids = [tokenizer.eos_token_id]
-        self.eos_ids = frozenset(int(e) for e in (eos_ids or ()))
+        self.eos_ids = frozenset(chat.stop_ids(tokenizer) if eos_ids is None else (int(e) for e in eos_ids))
         if prefill_buckets is None:
             prefill_buckets = tuple(sorted({min(2**k, max_length) for k in range(4, max_length.bit_length() + 1)}))
         if max(prefill_buckets) < max_length - 1 or min(prefill_buckets) < 1 or max(prefill_buckets) > max_length:
