@@ -60,8 +60,9 @@ def server(tmp_path_factory):
             if proc.poll() is not None:
                 pytest.fail(f"server exited {proc.returncode}: {(root / 'server.log').read_text()[-3000:]}")
             try:
-                if httpx.get(f"{url}/health", timeout=2).status_code == 200:
-                    assert f"listening on {url}\n" in (root / "server.log").read_text()
+                # the line is printed by a thread polling uvicorn's `started`, so /health may answer first
+                if (httpx.get(f"{url}/health", timeout=2).status_code == 200
+                        and f"listening on {url}\n" in (root / "server.log").read_text()):
                     break
             except httpx.HTTPError:
                 pass
