@@ -16,7 +16,8 @@ def _params():
 
 def _adapted(d_initial=0.1):
     return vera_jax.apply_vera(_params(),
-                               vera_jax.VeraConfig(r=4, d_initial=d_initial, trainable_extra=("classifier",)))
+                               vera_jax.VeraConfig(r=4, d_initial=d_initial, targets=("query",),
+                                                   trainable_extra=("classifier",)))
 
 
 def _crash_in_save_file(monkeypatch):
