@@ -143,10 +143,9 @@ def _torch_parts(inputs: dict, heads: int, dtype: str) -> dict:
     return {name: (lambda fn=fn, arg=arg: run(fn, arg)) for name, (fn, arg) in fns.items()}
 
 
-def part_calls(model: str, hidden: int | None, batch: int, seq: int, dtype: str, against_torch: bool) -> dict:
-    """"jax/<part>" (and "torch/<part>") -> a call computing that part's input gradient."""
-    cfg = model_config(model, None, hidden)
-    d, heads = hidden_size(cfg), int(cfg["num_attention_heads"])
+def part_calls(d: int, heads: int, batch: int, seq: int, dtype: str, against_torch: bool) -> dict:
+    """"jax/<part>" (and "torch/<part>") -> a call computing that part's input gradient, for width
+    `d` and `heads` attention heads."""
     inputs = _inputs(batch, seq, d)
     calls = {f"jax/{k}": v for k, v in _jax_parts(inputs, heads, jnp.dtype(dtype)).items()}
     if against_torch:
@@ -159,7 +158,7 @@ def floor_profile_record(model: str, hidden: int | None, batch: int, seq: int, i
     """Median ms per part (forward + backward) in JAX and, when asked, torch; their ratios."""
     cfg = model_config(model, None, hidden)
     d, heads = hidden_size(cfg), int(cfg["num_attention_heads"])
-    calls = part_calls(model, hidden, batch, seq, dtype, against_torch)
+    calls = part_calls(d, heads, batch, seq, dtype, against_torch)
     times: dict[str, list] = {name: [] for name in calls}
     for i in range(warmup + iters):
         for name, call in calls.items():
