@@ -6,8 +6,9 @@ in configs/sweeps/minilm_sst2.py. Per adapted 384x384 kernel VeRA trains r + 384
     python -m experiments.sweep run configs/sweeps/gap_minilm_sst2.py
     python -m experiments.sweep report configs/sweeps/gap_minilm_sst2.py
 
-MiniLM's attention kernels are all 384x384, so projections="per_shape" equals "shared" here;
-share_projections=False (a pair per layer) is the distinct variant.
+MiniLM's attention kernels are all 384x384, so projections="per_shape" equals "shared" on attention
+targets; share_projections=False (a pair per layer) is the distinct variant there, and per_shape
+differs only with the MLP's 384->1536 and 1536->384 kernels among the targets.
 """
 
 import ml_collections
@@ -35,6 +36,11 @@ def get_config(arg=None):
         {"method": ["vera"], "vera.d_initial": [1.0], "lr.vera": [3e-2]},
         # a projection pair per layer instead of one shared pair: 7,680
         {"method": ["vera"], "vera.share_projections": [False], "lr.vera": [3e-2]},
+        # every linear layer (attention and MLP: 384x384, 384->1536, 1536->384) at r=128:
+        # 6 x (4 x (128 + 384) + (128 + 1536) + (128 + 384)) = 25,344 (over the 1/5 budget, 1/2.9 of LoRA's);
+        # one shared pair sliced to each shape, or a pair per distinct shape (where per-shape differs)
+        {"method": ["vera"], "vera.targets": [QKVO + ["mlp_in", "mlp_out"]], "vera.r": [128],
+         "vera.projections": ["shared", "per_shape"], "lr.vera": [3e-2]},
         # LoRA above its best rate so far (3e-3 beat 1e-3; nothing higher was tried): is 3e-3 its best?
         {"method": ["lora"], "lr.lora": [1e-2]},
     ]
